@@ -1,0 +1,99 @@
+"""Execution engines for the fused model: the fastest correct way to run a batch on this device.
+
+`compile` (TorchInductor with frozen weights) is the fastest CPU path measured (docs/benchmarks.md)
+but specialises on shapes, so batches are padded up to a few fixed bucket sizes, each compiled once
+at warm-up. `trace` (TorchScript trace + freeze) needs no C++ compiler; `eager` is the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from model.configs import IMAGE_SIZE
+from model.fuse import FusedLeViT
+
+EngineKind = Literal["auto", "compile", "trace", "eager"]
+log = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below the maximum, plus the maximum: at most 2x padding, few compilations."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def resolve_kind(kind: EngineKind, device: torch.device) -> EngineKind:
+    """`auto`: compile where Inductor can build kernels (a C++ compiler on CPU), else trace."""
+    if kind != "auto":
+        return kind
+    if device.type == "cpu":
+        return "compile" if shutil.which("g++") or shutil.which("c++") else "trace"
+    return "eager"
+
+
+class Engine:
+    """Callable on `[B,3,224,224]` batches of any size up to `max_batch_size`; returns logits `[B,1000]`."""
+
+    def __init__(
+        self,
+        model: FusedLeViT,
+        kind: EngineKind = "auto",
+        max_batch_size: int = 16,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.kind = resolve_kind(kind, self.device)
+        self.max_batch_size = max_batch_size
+        self.model = model.to(self.device, dtype).eval()
+        self.buckets = bucket_sizes(max_batch_size) if self.kind == "compile" else ()
+        self._run = self._build()
+
+    def _build(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.kind == "eager":
+            return self.model
+        if self.kind == "trace":
+            example = self._example(min(self.max_batch_size, 8))
+            with torch.inference_mode():
+                traced = torch.jit.trace(self.model, example, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        return torch.compile(self.model, dynamic=False)
+
+    def _example(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=self.device, dtype=self.dtype)
+
+    def warmup(self) -> None:
+        """Run every batch size the server will use once, so no request pays a compilation."""
+        sizes = self.buckets or sorted({1, self.max_batch_size})
+        for size in sizes:
+            self(self._example(size))
+
+    def padded_size(self, batch: int) -> int:
+        for size in self.buckets:
+            if size >= batch:
+                return size
+        return batch
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n = batch.shape[0]
+        if n > self.max_batch_size:
+            raise ValueError(f"batch of {n} exceeds max_batch_size {self.max_batch_size}")
+        batch = batch.to(self.device, self.dtype, non_blocking=True)
+        padded = self.padded_size(n)
+        if padded != n:
+            batch = torch.cat([batch, batch.new_zeros(padded - n, *batch.shape[1:])])
+        with torch.inference_mode():
+            return self._run(batch)[:n].float()

@@ -1,0 +1,57 @@
+"""The reference evaluation transform, pinned against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, preprocess, resized_size
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((451, 300), (384, 256)), ((300, 451), (256, 384)), ((256, 256), (256, 256)), ((1000, 999), (256, 256))],
+)
+def test_resize_follows_torchvision_truncation(size, expected) -> None:
+    assert resized_size(*size) == expected
+
+
+def test_center_crop_offsets_round_half_differences() -> None:
+    assert center_crop_box(256, 256) == (16, 16, 240, 240)
+    assert center_crop_box(384, 256) == (80, 16, 304, 240)
+    assert center_crop_box(257, 256) == (16, 16, 240, 240)  # round(16.5) == 16 (banker's), as torchvision
+
+
+def test_normalisation_and_crop_hand_computed() -> None:
+    # 256x256 needs no resize; pixel (x, y) holds (x, y, 7). The crop starts at (16, 16).
+    xs, ys = np.meshgrid(np.arange(256), np.arange(256))
+    pixels = np.stack([xs, ys, np.full_like(xs, 7)], axis=-1).astype(np.uint8)
+    out = preprocess(Image.fromarray(pixels, "RGB"))
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    for c, (row, col), value in [(0, (0, 0), 16), (1, (0, 0), 16), (0, (5, 9), 25), (1, (5, 9), 21), (2, (100, 3), 7)]:
+        expected = (value / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        assert out[c, row, col].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_uniform_image_is_uniform_after_bicubic_resize() -> None:
+    out = preprocess(Image.new("RGB", (600, 400), (124, 116, 104)))
+    expected = [(v / 255 - m) / s for v, m, s in zip((124, 116, 104), IMAGENET_MEAN, IMAGENET_STD)]
+    for c in range(3):
+        assert torch.allclose(out[c], torch.full((224, 224), expected[c]), atol=1e-5)
+
+
+def test_resize_uses_bicubic() -> None:
+    """A bright stripe on grey: bicubic's negative lobes undershoot the grey; bilinear never does."""
+    pixels = np.full((300, 600, 3), 100, np.uint8)
+    pixels[:, 298:302] = 220
+    out = preprocess(Image.fromarray(pixels, "RGB"))
+    raw = (out[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+    assert raw.max() > 150
+    assert raw.min() < 99.5
+
+
+def test_non_rgb_input_is_rejected() -> None:
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess(Image.new("L", (300, 300)))
