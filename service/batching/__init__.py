@@ -1,0 +1,3 @@
+from service.batching.batcher import Batcher
+
+__all__ = ["Batcher"]

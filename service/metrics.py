@@ -1,0 +1,47 @@
+"""Prometheus metrics: the autoscaling signals. Names are public API: keep them stable (README lists them)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# 0.5 ms .. 60 s: fine enough for millisecond latencies, wide enough for overload.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+REQUEST_LATENCY = Histogram(
+    "levit_request_duration_seconds",
+    "Time from request arrival to response, by protocol, route and status.",
+    ["protocol", "route", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "levit_queue_wait_seconds", "Time an image waited in the batch queue.", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram("levit_batch_size", "Images per model call.", buckets=BATCH_BUCKETS)
+MODEL_FORWARD = Histogram(
+    "levit_model_forward_seconds", "Wall time of one batched model call.", buckets=LATENCY_BUCKETS
+)
+PREPROCESS = Histogram(
+    "levit_preprocess_seconds", "Decode + resize + normalise time per image.", buckets=LATENCY_BUCKETS
+)
+QUEUE_DEPTH = Gauge("levit_queue_depth", "Images waiting for the model.")
+INFLIGHT = Gauge("levit_inflight_requests", "Requests being handled.", ["protocol"])
+IMAGES_CLASSIFIED = Counter("levit_images_classified", "Images that went through the model.")
+REJECTIONS = Counter(
+    "levit_rejections", "Requests or images refused or dropped, by reason.", ["reason"]
+)
+MODEL_INFO = Gauge(
+    "levit_model_info", "The model being served (value is always 1).", ["variant", "weights", "device", "dtype"]
+)
+
+REJECTION_REASONS = ("queue_full", "deadline", "bad_input", "too_large", "cancelled", "draining", "model_error")
+for _reason in REJECTION_REASONS:
+    REJECTIONS.labels(_reason)
+IMAGES_DROPPED = Counter(
+    "levit_images_dropped", "Queued images dropped before compute (client gone or deadline passed).", ["reason"]
+)
+for _reason in ("cancelled", "deadline"):
+    IMAGES_DROPPED.labels(_reason)

@@ -1,0 +1,199 @@
+"""The HTTP API: `/classify`, health, readiness, metrics and model metadata (FastAPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
+from swagger_ui_bundle import swagger_ui_path
+
+from service import metrics
+from service.core import Service, Upload
+from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, ServiceError
+from service.imaging import ImageError
+from service.rest.middleware import RequestContext
+from service.rest.schemas import ClassifyOut, ErrorOut, Health
+
+log = logging.getLogger(__name__)
+ROUTES = frozenset({"/classify", "/healthz", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json"})
+IMAGE_FIELD = "img"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        400: "bad parameter or request",
+        413: "upload or image too large",
+        415: "not a supported image format",
+        422: "corrupt or truncated image, or invalid parameter",
+        500: "model failure in this request's batch",
+        503: "queue full (see Retry-After), loading or draining",
+        504: "deadline passed before the image was classified",
+    }.items()
+}
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {IMAGE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    reason = REJECTION_BY_CODE.get(code)
+    if reason:
+        metrics.REJECTIONS.labels(reason).inc()
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _filename(upload: UploadFile | str, index: int) -> str:
+    name = upload.filename if isinstance(upload, UploadFile) else None
+    return name or f"image {index}"
+
+
+async def read_uploads(request: Request, max_images: int) -> list[Upload]:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("image/"):
+        return [Upload(request.headers.get("x-filename", "body"), await request.body())]
+    if not content_type.startswith("multipart/form-data"):
+        raise BadRequest(f"send multipart/form-data with field '{IMAGE_FIELD}', or an image/* body; got {content_type!r}")
+    async with request.form(max_files=max_images + 1, max_fields=max_images + 16) as form:
+        parts = form.getlist(IMAGE_FIELD)
+        if not parts:
+            fields = sorted(set(form.keys()))
+            raise BadRequest(f"no file in multipart field '{IMAGE_FIELD}' (fields sent: {fields or 'none'})")
+        if not all(isinstance(p, UploadFile) for p in parts):
+            raise BadRequest(f"multipart field '{IMAGE_FIELD}' must carry files, not text")
+        return [Upload(_filename(p, i), await p.read()) for i, p in enumerate(parts)]
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(service: Service) -> ASGIApp:
+    settings = service.settings
+    app = FastAPI(
+        title="levit-serve",
+        version="0.1.0",
+        description="LeViT image classification with dynamic batching.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.mount("/static/swagger", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if error.status == 503 else None
+        return error_response(error.status, error.code, error.message, headers)
+
+    @app.exception_handler(ImageError)
+    async def _image_error(_: Request, error: ImageError) -> JSONResponse:
+        return error_response(error.status, error.code, error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return error_response(422, "invalid_parameter", problems)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
+        if code == "bad_request":
+            metrics.REJECTIONS.labels("bad_input").inc()
+        return JSONResponse(
+            {"error": {"code": code, "message": str(error.detail)}}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal", f"internal error: {type(error).__name__}")
+
+    @app.post("/classify", response_model=ClassifyOut, responses=_ERRORS, openapi_extra=_BODY_DOC)
+    async def classify(
+        request: Request,
+        k: Annotated[int | None, Query(ge=1, le=1000, description="number of predictions per image")] = None,
+        timeout_ms: Annotated[
+            int | None, Header(alias="X-Request-Timeout-Ms", ge=1, description="deadline for this request")
+        ] = None,
+    ) -> ClassifyOut | JSONResponse:
+        """Classify one or more images: multipart field `img` (repeatable) or a raw `image/*` body."""
+        service.check_k(k)
+        deadline = service.deadline(timeout_ms)
+        uploads = await read_uploads(request, settings.max_images_per_request)
+        work = asyncio.ensure_future(service.classify(uploads, k, deadline))
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()  # client went away: its queued images are dropped before compute
+            metrics.REJECTIONS.labels("cancelled").inc()
+            return error_response(499, "cancelled", "client closed the request")
+        gone.cancel()
+        results = work.result()
+        weights = service.runtime.weights.id if service.runtime else "unknown"
+        return ClassifyOut.model_validate(
+            {
+                "model": {"name": settings.model, "weights": weights},
+                "results": [
+                    {"filename": r.filename, "predictions": [p.__dict__ for p in r.predictions]} for r in results
+                ],
+            }
+        )
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: the process serves requests (also while loading or draining)."""
+        return Health(status="alive")
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": ErrorOut}})
+    async def readyz() -> Health | JSONResponse:
+        """Readiness: weights loaded, every batch size warmed up, not draining."""
+        if service.ready:
+            return Health(status="ready")
+        return JSONResponse(
+            {"error": {"code": f"not_ready_{service.phase.value}", "message": f"server is {service.phase.value}"}},
+            status_code=503,
+        )
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", responses={503: {"model": ErrorOut}})
+    async def model_metadata() -> dict[str, Any]:
+        """Variant, weights (source, SHA-256), parameters, MACs, input size, device, dtype, batching."""
+        if service.runtime is None:
+            raise NotReady("model is still loading")
+        return service.runtime.describe()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="levit-serve API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+        )
+
+    return RequestContext(app, settings.max_upload_bytes, ROUTES)

@@ -1,0 +1,106 @@
+"""The loaded model as the server sees it: engine, metadata and probabilities -> predictions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.configs import IMAGE_SIZE, get_config
+from model.cost import count_macs, count_params
+from model.engine import Engine
+from model.fuse import fuse
+from model.labels import imagenet_classes
+from model.loader import load_weights
+from service import metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"LEVIT_DEVICE={name} but no CUDA device is available")
+    return device
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    wnid: str
+    score: float
+
+
+class ModelRuntime:
+    """Everything the protocols need from the model, built once at start-up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        dtype = DTYPES[settings.dtype]
+        if self.device.type == "cpu" and dtype != torch.float32:
+            raise RuntimeError(f"LEVIT_DTYPE={settings.dtype} needs a GPU; use float32 on CPU")
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.config = get_config(settings.model)
+        start = time.perf_counter()
+        trained, self.weights = load_weights(
+            settings.model, settings.weights, settings.cache_dir, settings.require_pretrained
+        )
+        self.params = count_params(trained)
+        self.macs = count_macs(self.config)
+        self.engine = Engine(fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype)
+        log.info(
+            "loaded %s (%s) on %s/%s engine=%s in %.1fs",
+            self.config.name, self.weights.id, self.device, settings.dtype, self.engine.kind,
+            time.perf_counter() - start,
+        )  # fmt: skip
+        metrics.MODEL_INFO.labels(self.config.name, self.weights.id, str(self.device), settings.dtype).set(1)
+
+    def warmup(self) -> None:
+        start = time.perf_counter()
+        self.engine.warmup()
+        log.info("warm-up done in %.1fs (batch sizes %s)", time.perf_counter() - start, self.engine.buckets or "any")
+
+    def describe(self) -> dict[str, Any]:
+        """`GET /v1/model` and gRPC `GetModel`."""
+        s = self.settings
+        return {
+            "name": self.config.name,
+            "weights": {
+                "id": self.weights.id,
+                "source": self.weights.source,
+                "sha256": self.weights.sha256,
+                "pretrained": self.weights.pretrained,
+            },
+            "parameters": self.params,
+            "macs_per_image": self.macs,
+            "input_size": [3, IMAGE_SIZE, IMAGE_SIZE],
+            "num_classes": 1000,
+            "device": str(self.device),
+            "dtype": s.dtype,
+            "engine": self.engine.kind,
+            "batching": {
+                "max_batch_size": s.max_batch_size,
+                "max_batch_delay_ms": s.max_batch_delay_ms,
+                "max_queue": s.max_queue,
+                "request_timeout_ms": s.request_timeout_ms,
+            },
+        }
+
+
+def top_k(probs: torch.Tensor, k: int) -> list[Prediction]:
+    classes = imagenet_classes()
+    scores, indices = probs.topk(k)
+    return [
+        Prediction(i, classes[i].label, classes[i].wnid, s)
+        for i, s in zip(indices.tolist(), scores.tolist())
+    ]

@@ -1,0 +1,106 @@
+"""The one place the server's configuration lives: env vars `LEVIT_*`, overridable by CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.configs import VARIANTS
+from model.weights import default_cache_dir
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field `foo_bar` is env `LEVIT_FOO_BAR` and flag `--foo-bar`."""
+
+    model_config = SettingsConfigDict(env_prefix="LEVIT_", extra="forbid", validate_default=True)
+
+    model: str = Field("LeViT_128S", description="LeViT variant: " + ", ".join(VARIANTS))
+    weights: str = Field("auto", description="auto | random | PATH | URL of a checkpoint")
+    require_pretrained: bool = Field(False, description="refuse to start on random weights")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="downloaded weights")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="compute dtype; float16/bfloat16 only on GPU"
+    )
+    engine: Literal["auto", "compile", "trace", "eager"] = Field(
+        "auto", description="CPU execution path; auto = compile when a C++ compiler exists, else trace"
+    )
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    max_batch_size: int = Field(16, ge=1, le=256, description="images per model call")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="longest wait to fill a batch while the model is busy"
+    )
+    max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
+    request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per request body")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="decoded width*height per image")
+    max_images_per_request: int = Field(64, ge=1, description="images in one request")
+    exact_resize: bool = Field(False, description="disable JPEG DCT-domain downscaling")
+    top_k: int = Field(5, ge=1, description="default number of predictions")
+    max_top_k: int = Field(1000, ge=1, le=1000, description="largest k a client may ask for")
+    host: str = Field("0.0.0.0", description="bind address for HTTP and gRPC")
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    drain_timeout_s: float = Field(30.0, ge=0, description="longest SIGTERM drain")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("model")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        if value not in VARIANTS:
+            raise ValueError(f"unknown variant {value!r}; choose one of {', '.join(VARIANTS)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        head, _, index = value.partition(":")
+        if head not in ("auto", "cpu", "cuda") or (index and (head != "cuda" or not index.isdigit())):
+            raise ValueError(f"{value!r} is not auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def env_names(self) -> list[str]:
+        return [f"LEVIT_{name.upper()}" for name in type(self).model_fields]
+
+
+class SettingsError(SystemExit):
+    """Raised with a one-line message naming the bad setting; exits with status 2."""
+
+
+def _format_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        parts.append(f"LEVIT_{name.upper()}: {item['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="levit-serve", description="Serve LeViT image classification over HTTP and gRPC."
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=None, help=f"{field.description or ''} (LEVIT_{name.upper()})")
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Env vars first, CLI flags on top; errors name the setting instead of dumping a traceback."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_format_error(error)) from None
