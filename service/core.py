@@ -10,6 +10,7 @@ import enum
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -48,12 +49,28 @@ class ImageResult:
 class Service:
     def __init__(self, settings: Settings, before_forward: Hook | None = None) -> None:
         self.settings = settings
-        self.phase = Phase.LOADING
+        self._phase = Phase.LOADING
+        self._phase_listeners: list[Callable[[Phase], None]] = []
         self.runtime: ModelRuntime | None = None
         self.batcher: Batcher | None = None
         self._before_forward = before_forward
         self._inflight = 0  # admitted classify calls; drain waits for them
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="levit-decode")
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: Phase) -> None:
+        self._phase = value
+        for listener in self._phase_listeners:
+            listener(value)
+
+    def on_phase_change(self, listener: Callable[[Phase], None]) -> None:
+        """Readiness followers (gRPC health) are told at once, and of the current phase now."""
+        self._phase_listeners.append(listener)
+        listener(self._phase)
 
     @property
     def ready(self) -> bool:

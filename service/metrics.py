@@ -17,9 +17,7 @@ REQUEST_LATENCY = Histogram(
     ["protocol", "route", "status"],
     buckets=LATENCY_BUCKETS,
 )
-QUEUE_WAIT = Histogram(
-    "levit_queue_wait_seconds", "Time an image waited in the batch queue.", buckets=LATENCY_BUCKETS
-)
+QUEUE_WAIT = Histogram("levit_queue_wait_seconds", "Time an image waited in the batch queue.", buckets=LATENCY_BUCKETS)
 BATCH_SIZE = Histogram("levit_batch_size", "Images per model call.", buckets=BATCH_BUCKETS)
 MODEL_FORWARD = Histogram(
     "levit_model_forward_seconds", "Wall time of one batched model call.", buckets=LATENCY_BUCKETS
@@ -30,9 +28,7 @@ PREPROCESS = Histogram(
 QUEUE_DEPTH = Gauge("levit_queue_depth", "Images waiting for the model.")
 INFLIGHT = Gauge("levit_inflight_requests", "Requests being handled.", ["protocol"])
 IMAGES_CLASSIFIED = Counter("levit_images_classified", "Images that went through the model.")
-REJECTIONS = Counter(
-    "levit_rejections", "Requests or images refused or dropped, by reason.", ["reason"]
-)
+REJECTIONS = Counter("levit_rejections", "Requests or images refused or dropped, by reason.", ["reason"])
 MODEL_INFO = Gauge(
     "levit_model_info", "The model being served (value is always 1).", ["variant", "weights", "device", "dtype"]
 )

@@ -100,7 +100,4 @@ class ModelRuntime:
 def top_k(probs: torch.Tensor, k: int) -> list[Prediction]:
     classes = imagenet_classes()
     scores, indices = probs.topk(k)
-    return [
-        Prediction(i, classes[i].label, classes[i].wnid, s)
-        for i, s in zip(indices.tolist(), scores.tolist())
-    ]
+    return [Prediction(i, classes[i].label, classes[i].wnid, s) for i, s in zip(indices.tolist(), scores.tolist())]

@@ -9,6 +9,7 @@ an idle model never waits. Expired and cancelled images are dropped before they 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -117,10 +118,8 @@ class Batcher:
 
     async def _wait(self, timeout: float | None) -> None:
         self._wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def _form_batches(self) -> None:
         while True:

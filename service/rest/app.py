@@ -74,7 +74,9 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
     if content_type.startswith("image/"):
         return [Upload(request.headers.get("x-filename", "body"), await request.body())]
     if not content_type.startswith("multipart/form-data"):
-        raise BadRequest(f"send multipart/form-data with field '{IMAGE_FIELD}', or an image/* body; got {content_type!r}")
+        raise BadRequest(
+            f"send multipart/form-data with field '{IMAGE_FIELD}', or an image/* body; got {content_type!r}"
+        )
     async with request.form(max_files=max_images + 1, max_fields=max_images + 16) as form:
         parts = form.getlist(IMAGE_FIELD)
         if not parts:
@@ -120,9 +122,8 @@ def create_app(service: Service) -> ASGIApp:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
         if code == "bad_request":
             metrics.REJECTIONS.labels("bad_input").inc()
-        return JSONResponse(
-            {"error": {"code": code, "message": str(error.detail)}}, status_code=error.status_code, headers=error.headers
-        )
+        body = {"error": {"code": code, "message": str(error.detail)}}
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
