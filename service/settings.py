@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     max_batch_size: int = Field(16, ge=1, le=256, description="images per model call")
     max_batch_delay_ms: float = Field(
-        2.0, ge=0, le=1000, description="longest wait to fill a batch while the model is busy"
+        50.0, ge=0, le=60_000, description="longest a batch stays open for more images while the model is busy"
     )
     max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")

@@ -69,3 +69,22 @@ def timm_state_dict(model: LeViT) -> dict[str, torch.Tensor]:
         put(f"{head}.linear", f"{head}.l")
     # timm orders keys its own way; make sure nothing relies on order.
     return dict(sorted(out.items(), reverse=True))
+
+
+def scrape(base_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`/metrics` through prometheus-client's own text parser: {(sample name, labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics").text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)

@@ -53,6 +53,7 @@ class Batcher:
         self.max_queue = max_queue
         self._before_forward = before_forward  # test hook: set only from Python, never from config
         self._queue: deque[_Item] = deque()
+        self._pending: list[_Item] = []  # the batch being formed while the model is busy
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="levit-model")
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -63,7 +64,8 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Images waiting for the model: in the queue or in the batch being formed."""
+        return len(self._queue) + len(self._pending)
 
     @property
     def busy(self) -> bool:
@@ -76,12 +78,12 @@ class Batcher:
         """`deadline` is a `time.monotonic()` instant; raises the ServiceError the protocols translate."""
         if self._closing:
             raise Draining("server is shutting down; retry on another replica")
-        if len(self._queue) + len(tensors) > self.max_queue:
-            raise QueueFull(f"queue full ({len(self._queue)} of {self.max_queue} images waiting); retry later")
+        if self.queued + len(tensors) > self.max_queue:
+            raise QueueFull(f"queue full ({self.queued} of {self.max_queue} images waiting); retry later")
         loop = asyncio.get_running_loop()
         items = [_Item(t, loop.create_future(), deadline) for t in tensors]
         self._queue.extend(items)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
+        metrics.QUEUE_DEPTH.set(self.queued)
         self._wake.set()
         try:
             _, pending = await asyncio.wait([i.future for i in items], timeout=max(0.0, deadline - time.monotonic()))
@@ -113,7 +115,6 @@ class Batcher:
                 metrics.IMAGES_DROPPED.labels(item.drop_reason).inc()
                 continue
             taken.append(item)
-        metrics.QUEUE_DEPTH.set(len(self._queue))
         return taken
 
     async def _wait(self, timeout: float | None) -> None:
@@ -126,14 +127,16 @@ class Batcher:
             if not self._queue:
                 await self._wait(None)
                 continue
-            batch = self._take(self.max_batch_size)
-            if not batch:
+            self._pending = self._take(self.max_batch_size)
+            if not self._pending:
                 continue
-            close_at = batch[0].enqueued + self.max_batch_delay_s
-            while self.busy and len(batch) < self.max_batch_size and time.monotonic() < close_at:
+            close_at = self._pending[0].enqueued + self.max_batch_delay_s
+            while self.busy and len(self._pending) < self.max_batch_size and time.monotonic() < close_at:
                 await self._wait(close_at - time.monotonic())
-                batch += self._take(self.max_batch_size - len(batch))
+                self._pending += self._take(self.max_batch_size - len(self._pending))
             await self._idle.wait()
+            batch, self._pending = self._pending, []
+            metrics.QUEUE_DEPTH.set(self.queued)
             live = [i for i in batch if not i.future.done()]
             for item in batch:
                 if item.future.done():
@@ -178,9 +181,9 @@ class Batcher:
         """Refuse new work, finish what is queued or running; True if everything finished in time."""
         self._closing = True
         deadline = time.monotonic() + timeout
-        while (self._queue or self.busy) and time.monotonic() < deadline:
+        while (self.queued or self.busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return not self._queue and not self.busy
+        return not self.queued and not self.busy
 
     async def close(self) -> None:
         if self._former is not None:
