@@ -134,15 +134,19 @@ class Service:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self._decoders, self._decode, u) for u in uploads)))
 
-    async def classify(self, uploads: list[Upload], k: int | None, deadline: float) -> list[ImageResult]:
-        k = self.check_k(k)
-        batcher = self._admit(len(uploads))
+    async def probabilities(self, images: list[Upload] | list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
+        """Softmax `[1000]` per image, in order: encoded uploads are decoded first; tensors go straight in."""
+        batcher = self._admit(len(images))
         self._inflight += 1
         try:
-            tensors = await self.preprocess(uploads)
-            probs = await batcher.classify(tensors, deadline)
+            tensors = await self.preprocess(images) if isinstance(images[0], Upload) else images
+            return await batcher.classify(tensors, deadline)
         finally:
             self._inflight -= 1
+
+    async def classify(self, uploads: list[Upload], k: int | None, deadline: float) -> list[ImageResult]:
+        k = self.check_k(k)
+        probs = await self.probabilities(uploads, deadline)
         return [ImageResult(u.filename, top_k(p, k)) for u, p in zip(uploads, probs)]
 
     async def drain(self, timeout: float) -> bool:
