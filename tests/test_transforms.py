@@ -7,7 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from model.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop_box, preprocess, resized_size
+from model.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_box,
+    preprocess,
+    resize_and_crop,
+    resized_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -55,3 +62,24 @@ def test_resize_uses_bicubic() -> None:
 def test_non_rgb_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="RGB"):
         preprocess(Image.new("L", (300, 300)))
+
+
+def _full_resize_then_crop(image: Image.Image) -> np.ndarray:
+    size = resized_size(*image.size)
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC).crop(center_crop_box(*size)), dtype=np.int16)
+
+
+def test_cropped_resample_equals_full_resize_then_crop() -> None:
+    from tests.conftest import PHOTOS
+
+    for path in sorted(PHOTOS.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        reference = _full_resize_then_crop(image)
+        assert np.abs(np.asarray(resize_and_crop(image), dtype=np.int16) - reference).max() <= 1, path.name
+
+
+def test_extreme_aspect_ratio_stays_cheap() -> None:
+    strip = Image.new("RGB", (1, 5000), (10, 200, 30))
+    out = resize_and_crop(strip)
+    assert out.size == (224, 224)
+    assert np.asarray(out)[100, 100].tolist() == [10, 200, 30]
