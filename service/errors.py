@@ -18,6 +18,10 @@ class BadRequest(ServiceError):
     status, code = 400, "bad_request"
 
 
+class RequestTimeout(ServiceError):
+    status, code = 408, "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
@@ -50,6 +54,7 @@ REJECTION_BY_CODE = {
     "payload_too_large": "too_large",
     "image_too_large": "too_large",
     "bad_request": "bad_input",
+    "request_timeout": "bad_input",
     "unsupported_image": "bad_input",
     "corrupt_image": "bad_input",
     "model_error": "model_error",

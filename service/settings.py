@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")
+    read_timeout_s: float = Field(15.0, gt=0, description="longest pause while receiving a request body")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per request body")
     max_image_pixels: int = Field(50_000_000, ge=1, description="decoded width*height per image")
     max_images_per_request: int = Field(64, ge=1, description="images in one request")

@@ -197,4 +197,4 @@ def create_app(service: Service) -> ASGIApp:
             swagger_favicon_url="/static/swagger/favicon-32x32.png",
         )
 
-    return RequestContext(app, settings.max_upload_bytes, ROUTES)
+    return RequestContext(app, settings.max_upload_bytes, settings.read_timeout_s, ROUTES)

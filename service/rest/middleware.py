@@ -6,6 +6,7 @@ stay visible to the handlers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -15,11 +16,12 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, RequestTimeout
 from service.logs import request_id
 
 log = logging.getLogger("levit.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+MAX_HEADER_BYTES = 32 * 1024  # uvicorn's httptools parser sets no limit of its own
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -27,9 +29,12 @@ def error_body(code: str, message: str) -> bytes:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, routes: frozenset[str], protocol: str = "http") -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, read_timeout_s: float, routes: frozenset[str], protocol: str = "http"
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
         self.routes = routes
         self.protocol = protocol
 
@@ -56,9 +61,15 @@ class RequestContext:
             await send(message)
 
         try:
+            header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+            if header_bytes > MAX_HEADER_BYTES:
+                message = f"request headers of {header_bytes} bytes exceed the {MAX_HEADER_BYTES} byte limit"
+                await self._reject(431, "headers_too_large", message, send_wrapper)
+                return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                await self._reject_too_large(int(declared), send_wrapper)
+                message = f"request body of {int(declared)} bytes exceeds the {self.max_body_bytes} byte limit"
+                await self._reject(413, "payload_too_large", message, send_wrapper)
                 return
             await self.app(scope, self._limited(receive), send_wrapper)
         finally:
@@ -68,27 +79,30 @@ class RequestContext:
             log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1000)
             request_id.reset(token)
 
-    async def _reject_too_large(self, size: int, send: Send) -> None:
+    @staticmethod
+    async def _reject(status: int, code: str, message: str, send: Send) -> None:
+        """Answer without reading the body, and close: the rest of the upload is never read."""
         metrics.REJECTIONS.labels("too_large").inc()
-        body = error_body("payload_too_large", f"request body of {size} bytes exceeds the {self.max_body_bytes} limit")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": error_body(code, message)})
 
     def _limited(self, receive: Receive) -> Receive:
-        """Count streamed bytes too: chunked uploads declare no length."""
+        """Count streamed bytes (chunked uploads declare no length) and time out stalled uploads."""
         seen = 0
+        body_done = False
 
         async def wrapped() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # afterwards receive() only reports a disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                raise RequestTimeout(f"request body stalled for more than {self.read_timeout_s:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_body_bytes:
                     raise PayloadTooLarge(f"request body exceeds the {self.max_body_bytes} byte limit")
             return message
