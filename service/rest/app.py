@@ -19,7 +19,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from service import metrics
 from service.core import Service, Upload
-from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, ServiceError
+from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, PayloadTooLarge, ServiceError
 from service.imaging import ImageError
 from service.rest.middleware import RequestContext
 from service.rest.schemas import ClassifyOut, ErrorOut, Health
@@ -77,7 +77,13 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
         raise BadRequest(
             f"send multipart/form-data with field '{IMAGE_FIELD}', or an image/* body; got {content_type!r}"
         )
-    async with request.form(max_files=max_images + 1, max_fields=max_images + 16) as form:
+    try:
+        form = await request.form(max_files=max_images, max_fields=max_images + 16)
+    except HTTPException as error:  # Starlette's multipart parser refusals
+        if "Too many files" in str(error.detail):
+            raise PayloadTooLarge(f"more than {max_images} images in one request") from None
+        raise BadRequest(f"malformed multipart body: {error.detail}") from None
+    try:
         parts = form.getlist(IMAGE_FIELD)
         if not parts:
             fields = sorted(set(form.keys()))
@@ -85,6 +91,8 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
         if not all(isinstance(p, UploadFile) for p in parts):
             raise BadRequest(f"multipart field '{IMAGE_FIELD}' must carry files, not text")
         return [Upload(_filename(p, i), await p.read()) for i, p in enumerate(parts)]
+    finally:
+        await form.close()
 
 
 async def _until_disconnect(request: Request) -> None:
