@@ -25,8 +25,9 @@ def srv() -> Iterator[ServerThread]:
     server.stop()
 
 
-def post_file(url: str, name: str | bytes, data: bytes, **kwargs) -> httpx.Response:
-    return httpx.post(url + "/classify", files=[("img", (name, data, "application/octet-stream"))], timeout=60, **kwargs)
+def post_file(url: str, name: str, data: bytes, **kwargs) -> httpx.Response:
+    files = [("img", (name, data, "application/octet-stream"))]
+    return httpx.post(url + "/classify", files=files, timeout=60, **kwargs)
 
 
 def _expected_predictions(url: str) -> list[int]:
@@ -83,7 +84,7 @@ def test_malformed_requests(srv: ServerThread, name: str, kwargs: dict, status: 
 
 def test_invalid_utf8_filename(srv: ServerThread) -> None:
     body = (
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"img\"; filename=\"caf\xe9\xff\xfe.jpg\"\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="img"; filename="caf\xe9\xff\xfe.jpg"\r\n'
         b"Content-Type: image/jpeg\r\n\r\n" + CAT + b"\r\n--XyZ--\r\n"
     )
     response = httpx.post(
