@@ -90,7 +90,7 @@ class Batcher:
         except asyncio.CancelledError:
             self._abandon(items, "cancelled")
             raise
-        if pending:
+        if pending or any(i.future.cancelled() for i in items):  # the former cancels images it finds expired
             self._abandon(items, "deadline")
             raise DeadlineExceeded("request deadline passed before its images were classified")
         return [i.future.result() for i in items]

@@ -48,7 +48,9 @@ _BODY_DOC = {
                 "schema": {
                     "type": "object",
                     "required": [IMAGE_FIELD],
-                    "properties": {IMAGE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        IMAGE_FIELD: {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+                    },
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
