@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format proto bench bench-model clean
+.PHONY: install run test test-stress lint format proto bench bench-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-stress: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m stress tests/stress
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -105,6 +105,10 @@ class Service:
             raise BadRequest(f"k must be between 1 and {self.settings.max_top_k}, got {k}")
         return k
 
+    def check_capacity(self) -> None:
+        """The cheap admission check, before a request's body is even read: overload is refused in microseconds."""
+        self._admit(1)
+
     def _admit(self, count: int) -> Batcher:
         if self.phase is Phase.DRAINING:
             raise Draining("server is shutting down; retry on another replica")

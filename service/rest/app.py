@@ -150,6 +150,7 @@ def create_app(service: Service) -> ASGIApp:
     ) -> ClassifyOut | JSONResponse:
         """Classify one or more images: multipart field `img` (repeatable) or a raw `image/*` body."""
         service.check_k(k)
+        service.check_capacity()
         deadline = service.deadline(timeout_ms)
         uploads = await read_uploads(request, settings.max_images_per_request)
         work = asyncio.ensure_future(service.classify(uploads, k, deadline))
