@@ -4,7 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-stress lint format proto bench bench-model clean
+IMAGE ?= levit-serve
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENGINE ?= docker
+
+.PHONY: install run test test-stress lint format proto bench bench-model clean \
+	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +44,30 @@ bench-model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.server
+
+deploy-tools:
+	bash scripts/ci_deploy_tools.sh
+
+deploy-check: $(STAMP) deploy-tools
+	$(BIN)/python -m pytest -q tests/test_deploy_static.py
+
+image:
+	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
+
+image-gpu:
+	$(ENGINE) build -f docker/Dockerfile.gpu -t $(IMAGE):$(VERSION)-gpu .
+
+compose-up:
+	docker compose -f docker/compose.yaml up -d --build --wait
+
+compose-down:
+	docker compose -f docker/compose.yaml down
+
+test-container: $(STAMP)
+	DEPLOY_CONTAINER_TEST=1 $(BIN)/python -m pytest -q tests/test_deploy_container.py
+
+chart-schema: $(STAMP)
+	$(BIN)/python -m tests.test_deploy_static
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
