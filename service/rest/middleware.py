@@ -69,6 +69,7 @@ class RequestContext:
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 message = f"request body of {int(declared)} bytes exceeds the {self.max_body_bytes} byte limit"
+                await self._discard(receive, int(declared))
                 await self._reject(413, "payload_too_large", message, send_wrapper)
                 return
             await self.app(scope, self._limited(receive), send_wrapper)
@@ -78,6 +79,23 @@ class RequestContext:
             metrics.REQUEST_LATENCY.labels(self.protocol, route, str(status)).observe(elapsed)
             log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1000)
             request_id.reset(token)
+
+    async def _discard(self, receive: Receive, declared: int) -> None:
+        """Read and drop a refused body (up to twice the limit) so the client gets to read our answer.
+
+        Closing on unread data makes the kernel reset the connection and most clients lose the 413.
+        """
+        budget = min(declared, 2 * self.max_body_bytes)
+        while budget > 0:
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     @staticmethod
     async def _reject(status: int, code: str, message: str, send: Send) -> None:

@@ -28,7 +28,8 @@ class ServerProcess:
             "LEVIT_GRPC_PORT": str(self.grpc_port),
             **env,
         }
-        self.log = tempfile.TemporaryFile()  # the server's stderr, for post-mortems; never a pipe that can fill up
+        # The server's stderr, for post-mortems: a file, never a pipe that can fill up and stall the server.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=self.log
         )

@@ -1,0 +1,67 @@
+"""10,000 mixed requests (valid, broken, oversize): memory, file descriptors and threads stay flat."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import httpx
+import pytest
+
+from tests.conftest import photo, wait_until
+from tests.corpus import cases
+from tests.stress.procs import ServerProcess
+
+pytestmark = pytest.mark.stress
+TOTAL = 10_000
+UPLOAD_LIMIT = 256 * 1024
+
+
+def mixed_requests() -> itertools.cycle:
+    """A repeating pattern: 6 valid photos, 3 corpus refusals, 1 oversize body."""
+    photos = [photo(n) for n in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg")]
+    refused = [c for c in cases() if c.status != 200]
+    oversize = b"\xff\xd8" + b"\0" * (UPLOAD_LIMIT + 1)
+    pattern = []
+    for i in range(len(refused)):
+        pattern += [(f"p{j}.jpg", photos[(i + j) % 4], 200) for j in range(6)]
+        pattern += [
+            (refused[(3 * i + j) % len(refused)].name, refused[(3 * i + j) % len(refused)].data, None) for j in range(3)
+        ]
+        pattern.append(("big.jpg", oversize, 413))
+    return itertools.cycle(pattern)
+
+
+async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
+    statuses: dict[int, int] = {}
+    requests = mixed_requests()
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                name, data, expected = next(requests)
+                response = await client.post(url + "/classify", files={"img": (name, data)})
+                assert response.status_code < 500, response.text
+                if expected is not None:
+                    assert response.status_code == expected, (name, response.status_code)
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
+    return statuses
+
+
+def test_soak_keeps_memory_fds_and_threads_flat() -> None:
+    server = ServerProcess(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8")
+    try:
+        asyncio.run(drive(server.url, 400))  # warm-up: pools, caches and allocator arenas settle
+        fds, threads = server.fds(), server.threads()
+        rss = server.rss_mib()
+        statuses = asyncio.run(drive(server.url, TOTAL))
+        assert sum(statuses.values()) == TOTAL and statuses[200] >= TOTAL // 2
+        growth = server.rss_mib() - rss
+        wait_until(lambda: server.fds() <= fds, timeout=30)  # client connections closed on our side
+        print(f"soak: {statuses}, rss {rss:.0f} MiB -> +{growth:.1f} MiB, fds {fds}, threads {threads}")
+        assert growth <= 50
+        assert server.threads() == threads
+    finally:
+        assert server.stop() == 0
