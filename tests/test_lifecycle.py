@@ -12,9 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.conftest import ROOT, photo, wait_until
-from tests.helpers import metric, scrape
+from tests.helpers import metric, random_levit, scrape
 
 
 def free_port() -> int:
@@ -44,7 +45,13 @@ def test_sigterm_under_load_loses_nothing() -> None:
                 pool.submit(httpx.post, url + "/classify", files={"img": ("cat.jpg", cat)}, timeout=60)
                 for _ in range(16)
             ]
-            wait_until(lambda: metric(scrape(url), "levit_queue_depth") >= 4)
+            # Every request admitted (queued, running or answered) and work still waiting: now stop.
+            wait_until(
+                lambda: (
+                    (depth := metric(scrape(url), "levit_queue_depth")) >= 2
+                    and depth + 1 + sum(f.done() for f in futures) >= 16
+                )
+            )
             proc.send_signal(signal.SIGTERM)
             statuses = [f.result().status_code for f in futures]
         assert statuses == [200] * 16
@@ -81,3 +88,41 @@ def test_bad_weights_refuse_to_start_with_one_line(tmp_path: Path, make, needle)
     assert proc.returncode == 1
     assert needle in err and b"Traceback" not in err
     assert b"cannot start" in err
+
+
+def _refusal(env: dict[str, str]) -> str:
+    proc = start({"LEVIT_HTTP_PORT": "0", "LEVIT_GRPC_PORT": "0", **env})
+    _, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    [line] = [ln for ln in text.splitlines() if "cannot start" in ln]  # one line says why
+    return line
+
+
+def test_wrong_variant_checkpoint_refuses_to_start(tmp_path: Path) -> None:
+    path = tmp_path / "LeViT-192-mine.pth"
+    torch.save({"model": random_levit("LeViT_192").state_dict()}, path)
+    line = _refusal({"LEVIT_WEIGHTS": str(path), "LEVIT_MODEL": "LeViT_128S"})
+    assert "is a LeViT_192 checkpoint, but LeViT_128S was requested" in line
+
+
+def test_unusable_cache_dir_refuses_to_start_when_pretrained_is_required() -> None:
+    line = _refusal({"LEVIT_CACHE_DIR": "/dev/null/cache", "LEVIT_WEIGHTS": "auto", "LEVIT_REQUIRE_PRETRAINED": "1"})
+    assert "/dev/null/cache" in line
+
+
+def test_download_hash_mismatch_refuses_to_start(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    (tmp_path / "LeViT-128S-deadbeef.pth").write_bytes(b"definitely not those bytes")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/LeViT-128S-deadbeef.pth"
+        line = _refusal({"LEVIT_WEIGHTS": url, "LEVIT_CACHE_DIR": str(tmp_path / "cache")})
+        assert "hash mismatch" in line
+    finally:
+        httpd.shutdown()
