@@ -3,6 +3,7 @@ valid requests sent alongside all succeed with the right results."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -114,3 +115,15 @@ def test_slow_upload_is_cut_off_and_others_are_served(srv: ServerThread) -> None
         for sock in slow:
             sock.close()
     assert post_file(srv.url, "cat.jpg", CAT).status_code == 200
+
+
+def test_bodies_never_reach_logs_and_paths_never_reach_the_disk(srv: ServerThread, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = b"SECRET-BODY-MARKER-7f3a"
+    traversal = post_file(srv.url, "../../../../etc/passwd", CAT + marker)
+    assert traversal.status_code == 200
+    assert traversal.json()["results"][0]["filename"] == "../../../../etc/passwd"  # echoed, never opened
+    assert post_file(srv.url, "notes.txt", marker * 50).status_code == 415
+    assert post_file(srv.url, "x.jpg", b"\xff\xd8" + marker).status_code == 422
+    assert marker.decode() not in caplog.text
+    assert caplog.records, "logging was captured"
