@@ -1,7 +1,7 @@
-"""One process, one event loop: HTTP (uvicorn) and the shared batcher, with an ordered shutdown.
+"""One process, one event loop: HTTP (uvicorn), gRPC (grpc.aio) and the shared batcher, with an ordered shutdown.
 
-SIGTERM: readiness fails at once, new work is refused, admitted work finishes (bounded by
-`drain_timeout_s`), then the listeners close and the process exits 0.
+SIGTERM: readiness (HTTP /readyz and gRPC health) fails at once, new work is refused, admitted work finishes
+(bounded by `drain_timeout_s`), then the listeners close and the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from model.checkpoint import CheckpointError
 from model.weights import WeightsError
 from service.batching.batcher import Hook
 from service.core import Phase, Service
+from service.grpc.server import GrpcServer
 from service.rest.app import create_app
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 STARTUP_ERRORS = (WeightsError, CheckpointError, RuntimeError, OSError, ValueError)
+GRPC_GRACE_S = 1.0  # after the drain only health watchers and responses being written are left
 
 
 class _Uvicorn(uvicorn.Server):
@@ -60,6 +62,12 @@ class Server:
             timeout_keep_alive=30,
         )
         self.http = _Uvicorn(config)
+        self.grpc = GrpcServer(self.service)
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The bound gRPC port (useful with grpc_port=0), once `run()` has started listening."""
+        return self.grpc.port
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -70,6 +78,13 @@ class Server:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.grpc.start()
+        except STARTUP_ERRORS as error:
+            log.error("cannot start gRPC on %s:%d: %s", self.settings.host, self.settings.grpc_port, error)
+            self.http_socket.close()
+            await self.service.close()
+            return 1
         http = loop.create_task(self.http.serve(sockets=[self.http_socket]))
         starting = loop.create_task(self.service.start())
         stop = loop.create_task(self._stop.wait())
@@ -81,13 +96,14 @@ class Server:
             self.service.phase = Phase.FAILED
             status = 1
         else:
-            log.info("serving HTTP on %s:%d", self.settings.host, self.http_port)
+            host = self.settings.host
+            log.info("serving HTTP on %s:%d, gRPC on %s:%d", host, self.http_port, host, self.grpc_port)
             await stop
             log.info("stop requested: draining (up to %.1fs)", self.settings.drain_timeout_s)
             starting.cancel()
             await self.service.drain(self.settings.drain_timeout_s)
         self.http.should_exit = True
-        await http
+        await asyncio.gather(http, self.grpc.stop(GRPC_GRACE_S))
         await self.service.close()
         log.info("stopped")
         return status

@@ -168,6 +168,7 @@ def test_queue_full_is_refused_fast(gate: Gate) -> None:
 
 def test_deadline_expires_in_queue_and_is_not_computed(gate: Gate) -> None:
     srv = ServerThread(hook=gate, max_batch_size=4).start()
+    dropped = metric(scrape(srv.url), "levit_images_dropped_total", reason="deadline")  # process-wide counter
     try:
         gate.close()
         with ThreadPoolExecutor(2) as pool:
@@ -179,7 +180,7 @@ def test_deadline_expires_in_queue_and_is_not_computed(gate: Gate) -> None:
             assert running.result().status_code == 200
         assert classify(srv.url, [("cat.jpg", CAT)]).status_code == 200
         assert gate.sizes == [1, 1]  # the two expired images never reached the model
-        assert metric(scrape(srv.url), "levit_images_dropped_total", reason="deadline") == 2
+        assert metric(scrape(srv.url), "levit_images_dropped_total", reason="deadline") - dropped == 2
     finally:
         gate.open.set()
         srv.stop()
@@ -200,6 +201,9 @@ def test_model_failure_fails_only_that_batch(gate: Gate) -> None:
 
 def test_client_disconnect_drops_queued_work(gate: Gate) -> None:
     srv = ServerThread(hook=gate, max_batch_size=1).start()
+    before = scrape(srv.url)  # the counters are process-wide: compare with what they said before
+    rejected = metric(before, "levit_rejections_total", reason="cancelled")
+    dropped = metric(before, "levit_images_dropped_total", reason="cancelled")
     try:
         gate.close()
         with ThreadPoolExecutor(2) as pool:
@@ -207,10 +211,10 @@ def test_client_disconnect_drops_queued_work(gate: Gate) -> None:
             assert gate.entered.wait(30)
             with pytest.raises(httpx.ReadTimeout):
                 classify(srv.url, [("gone.jpg", CAT)], timeout=httpx.Timeout(60, read=0.5))
-            wait_until(lambda: metric(scrape(srv.url), "levit_rejections_total", reason="cancelled") == 1)
+            wait_until(lambda: metric(scrape(srv.url), "levit_rejections_total", reason="cancelled") == rejected + 1)
             gate.open.set()
             assert running.result().status_code == 200
-        wait_until(lambda: metric(scrape(srv.url), "levit_images_dropped_total", reason="cancelled") == 1)
+        wait_until(lambda: metric(scrape(srv.url), "levit_images_dropped_total", reason="cancelled") == dropped + 1)
         assert gate.sizes == [1]  # the abandoned image was never computed
     finally:
         gate.open.set()

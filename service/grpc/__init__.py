@@ -1,0 +1,1 @@
+"""The gRPC API (`levit.v1.Classifier`, health, reflection) over the shared Service; stubs in `gen/`."""

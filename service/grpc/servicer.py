@@ -1,0 +1,190 @@
+"""`levit.v1.Classifier`: thin translations between protobuf messages and `Service`, like the HTTP routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import json_format
+from grpc import aio
+
+from service import logs
+from service.core import ImageResult, Service, Upload
+from service.errors import NotReady, ServiceError
+from service.grpc.gen.levit.v1 import classifier_pb2 as pb
+from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
+from service.grpc.status import Observed, abandoned, abort, reject
+from service.imaging import ImageError
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "levit.v1.Classifier"
+STREAM_METHOD = f"/{SERVICE_NAME}/ClassifyStream"
+SHUTTING_DOWN = "server is shutting down; retry on another replica"
+
+
+def stream_window(max_batch_size: int) -> int:
+    """Requests one ClassifyStream may have in progress: enough to fill two batches (one computing, one
+    forming). Raw request bytes held per stream stay below window x the message limit."""
+    return max(4, 2 * max_batch_size)
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, service: Service, draining: asyncio.Event, window: int | None = None) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._draining = draining  # set when the service stops accepting work: streams then end
+        self.window = window or stream_window(self.settings.max_batch_size)
+
+    # --- translations -------------------------------------------------------------------------------------
+
+    def _deadline(self, context: aio.ServicerContext) -> float:
+        """The gRPC deadline when the client set one, else the server's default request timeout."""
+        remaining = context.time_remaining()
+        default = self.service.deadline(None)
+        return default if remaining is None else time.monotonic() + remaining
+
+    def _response(self, request: pb.ClassifyRequest, results: list[ImageResult]) -> pb.ClassifyResponse:
+        runtime = self.service.runtime
+        return pb.ClassifyResponse(
+            request_id=request.request_id,
+            model=pb.ModelRef(name=self.settings.model, weights=runtime.weights.id if runtime else "unknown"),
+            results=[
+                pb.ImageResult(
+                    filename=r.filename,
+                    predictions=[
+                        pb.Prediction(index=p.index, label=p.label, wnid=p.wnid, score=p.score) for p in r.predictions
+                    ],
+                )
+                for r in results
+            ],
+        )
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float) -> pb.ClassifyResponse:
+        uploads = [Upload(image.filename or f"image {i}", image.data) for i, image in enumerate(request.images)]
+        k = request.top_k if request.HasField("top_k") else None
+        return self._response(request, await self.service.classify(uploads, k, deadline))
+
+    @staticmethod
+    def _request_id(request: pb.ClassifyRequest, context: aio.ServicerContext) -> str:
+        if request.request_id:
+            return request.request_id[:64]
+        given = dict(context.invocation_metadata() or ()).get("x-request-id")
+        return given[:64] if isinstance(given, str) and given else uuid.uuid4().hex
+
+    # --- RPCs ----------------------------------------------------------------------------------------------
+
+    async def Classify(self, request: pb.ClassifyRequest, context: aio.ServicerContext) -> pb.ClassifyResponse:
+        token = logs.request_id.set(self._request_id(request, context))
+        try:
+            return await self._classify(request, self._deadline(context))
+        except (ServiceError, ImageError) as error:
+            await abort(context, reject(error), error.message, error.code)
+        except asyncio.CancelledError:
+            # grpc.aio cancels this task when the client goes away or the deadline passes; the cancellation
+            # reached the batcher, which drops this request's queued images before compute.
+            abandoned(context)
+            raise
+        except Exception as error:
+            log.exception("unhandled error")
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", "internal")
+        finally:
+            logs.request_id.reset(token)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: aio.ServicerContext
+    ) -> None:
+        """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
+        window = asyncio.Semaphore(self.window)
+        write_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        draining = asyncio.ensure_future(self._draining.wait())
+        requests = aiter(request_iterator)
+        shutting_down = False
+        try:
+            while True:
+                await window.acquire()
+                incoming = asyncio.ensure_future(anext(requests))
+                await asyncio.wait({incoming, draining}, return_when=asyncio.FIRST_COMPLETED)
+                if not incoming.done():  # draining: stop reading, finish what was accepted
+                    incoming.cancel()
+                    shutting_down = True
+                    break
+                try:
+                    request = incoming.result()
+                except StopAsyncIteration:
+                    break
+                task = asyncio.ensure_future(self._stream_one(request, context, window, write_lock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            draining.cancel()
+            for task in tasks:  # the stream was cancelled (client gone, deadline): so is its queued work
+                task.cancel()
+        if shutting_down:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
+
+    async def _stream_one(
+        self,
+        request: pb.ClassifyRequest,
+        context: aio.ServicerContext,
+        window: asyncio.Semaphore,
+        write_lock: asyncio.Lock,
+    ) -> None:
+        """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
+        token = logs.request_id.set(self._request_id(request, context))
+        try:
+            with Observed(STREAM_METHOD, context) as observed:
+                try:
+                    deadline = min(self._deadline(context), self.service.deadline(None))
+                    response = await self._classify(request, deadline)
+                except (ServiceError, ImageError) as error:
+                    observed.status = reject(error)
+                    response = pb.ClassifyResponse(
+                        request_id=request.request_id,
+                        error=pb.Error(code=observed.status.value[0], message=error.message, reason=error.code),
+                    )
+                except asyncio.CancelledError:
+                    observed.status = abandoned(context)
+                    raise
+                except Exception as error:
+                    log.exception("unhandled error")
+                    observed.status = grpc.StatusCode.INTERNAL
+                    message = f"internal error: {type(error).__name__}"
+                    response = pb.ClassifyResponse(
+                        request_id=request.request_id,
+                        error=pb.Error(code=observed.status.value[0], message=message, reason="internal"),
+                    )
+                async with write_lock:
+                    try:
+                        await context.write(response)
+                    except aio.BaseError as error:  # the stream ended (cancelled, or aborted) meanwhile
+                        log.debug("response to %r not sent: %r", request.request_id, error)
+        finally:
+            window.release()  # after the write: responses the client is slow to read count in the window
+            logs.request_id.reset(token)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
+        if self.service.runtime is None:
+            error = NotReady("model is still loading")
+            await abort(context, reject(error), error.message, error.code)
+        return model_info(self.service.runtime.describe())
+
+
+def model_info(description: dict) -> pb.ModelInfo:
+    """`ModelRuntime.describe()` (the `GET /v1/model` body) as a ModelInfo; None becomes the empty default.
+
+    Keys the proto does not know yet are ignored here, and tests/test_grpc.py fails until the proto has them.
+    """
+
+    def drop_none(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return json_format.ParseDict(drop_none(description), pb.ModelInfo(), ignore_unknown_fields=True)
