@@ -1,4 +1,4 @@
-"""10,000 mixed requests (valid, broken, oversize): memory, file descriptors and threads stay flat."""
+"""10,000 mixed requests (valid, broken, oversize) over HTTP and gRPC: memory, fds and threads stay flat."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import itertools
 import httpx
 import pytest
 
+from service.client import ClientError, GrpcClient
 from tests.conftest import photo, wait_until
 from tests.corpus import cases
 from tests.stress.procs import ServerProcess
@@ -32,6 +33,35 @@ def mixed_requests() -> itertools.cycle:
     return itertools.cycle(pattern)
 
 
+GRPC_STATUS = {200: "OK", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT"}
+
+
+async def drive_grpc(target: str, count: int, concurrency: int = 4) -> dict[str, int]:
+    statuses: dict[str, int] = {}
+    requests = mixed_requests()
+    async with GrpcClient(target) as client:
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                name, data, expected = next(requests)
+                try:
+                    await client.classify([(name, data)], timeout=60)
+                    status = "OK"
+                except ClientError as error:
+                    status = error.status
+                assert status not in ("INTERNAL", "UNKNOWN", "UNAVAILABLE"), (name, status)
+                if expected is not None:
+                    assert status == GRPC_STATUS[expected], (name, status)
+                statuses[status] = statuses.get(status, 0) + 1
+
+        await asyncio.gather(*(worker(count // concurrency) for _ in range(concurrency)))
+    return statuses
+
+
+async def drive_both(url: str, target: str, count: int) -> tuple[dict[int, int], dict[str, int]]:
+    return await asyncio.gather(drive(url, count // 2, 4), drive_grpc(target, count // 2))
+
+
 async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
     statuses: dict[int, int] = {}
     requests = mixed_requests()
@@ -53,14 +83,16 @@ async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
 def test_soak_keeps_memory_fds_and_threads_flat() -> None:
     server = ServerProcess(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8")
     try:
-        asyncio.run(drive(server.url, 400))  # warm-up: pools, caches and allocator arenas settle
+        target = f"127.0.0.1:{server.grpc_port}"
+        asyncio.run(drive_both(server.url, target, 400))  # warm-up: pools, caches and allocator arenas settle
         fds, threads = server.fds(), server.threads()
         rss = server.rss_mib()
-        statuses = asyncio.run(drive(server.url, TOTAL))
-        assert sum(statuses.values()) == TOTAL and statuses[200] >= TOTAL // 2
+        http, grpc = asyncio.run(drive_both(server.url, target, TOTAL))
+        assert sum(http.values()) + sum(grpc.values()) == TOTAL
+        assert http[200] + grpc["OK"] >= TOTAL // 2
         growth = server.rss_mib() - rss
         wait_until(lambda: server.fds() <= fds, timeout=30)  # client connections closed on our side
-        print(f"soak: {statuses}, rss {rss:.0f} MiB -> +{growth:.1f} MiB, fds {fds}, threads {threads}")
+        print(f"soak: http {http}, grpc {grpc}, rss {rss:.0f} MiB -> +{growth:.1f} MiB, fds {fds}, threads {threads}")
         assert growth <= 50
         assert server.threads() == threads
     finally:
