@@ -29,9 +29,6 @@ import pytest
 
 from tests.test_deploy_static import METRICS, ROOT
 
-if os.environ.get("DEPLOY_CONTAINER_TEST") != "1":
-    pytest.skip("container test is opt-in: DEPLOY_CONTAINER_TEST=1 (make test-container)", allow_module_level=True)
-
 
 def _engine() -> str:
     wanted = os.environ.get("CONTAINER_ENGINE")
