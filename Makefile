@@ -9,7 +9,8 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 ENGINE ?= docker
 
 .PHONY: install run test test-stress lint format proto bench bench-model clean \
-	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema
+	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema \
+	v2-tools test-v2 test-v2-perf
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,17 @@ bench: $(STAMP)
 
 deploy-tools:
 	bash scripts/ci_deploy_tools.sh
+
+# Open Inference Protocol (KServe v2): tritonclient and perf_analyzer in their own venvs under .tools/
+v2-tools:
+	bash scripts/v2_tools.sh
+
+test-v2: $(STAMP) v2-tools
+	$(BIN)/python -m pytest -q tests/test_v2.py tests/test_v2_tools.py
+
+test-v2-perf: $(STAMP)
+	bash scripts/v2_tools.sh perf
+	$(BIN)/python scripts/v2_perf.py
 
 deploy-check: $(STAMP) deploy-tools
 	$(BIN)/python -m pytest -q tests/test_deploy_static.py

@@ -278,6 +278,7 @@ def test_reflection_lists_the_services(live: Live) -> None:
     database = ProtoReflectionDescriptorDatabase(live.channel)
     assert set(database.get_services()) == {
         "levit.v1.Classifier",
+        "inference.GRPCInferenceService",  # the Open Inference Protocol (tests/test_v2.py)
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }

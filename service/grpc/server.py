@@ -20,8 +20,10 @@ from service.core import Phase, Service
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc.servicer import SERVICE_NAME, STREAM_METHOD, ClassifierServicer
 from service.grpc.status import Observed
+from service.v2 import servicer as v2
 
-HEALTH_NAMES = (health.OVERALL_HEALTH, SERVICE_NAME)  # "" and "levit.v1.Classifier"
+# "", "levit.v1.Classifier" and "inference.GRPCInferenceService"
+HEALTH_NAMES = (health.OVERALL_HEALTH, SERVICE_NAME, v2.SERVICE_NAME)
 
 
 class MetricsInterceptor(aio.ServerInterceptor):
@@ -87,7 +89,7 @@ class GrpcServer:
         self._loop = asyncio.get_running_loop()
         limit = self.settings.max_upload_bytes  # the HTTP body limit: the same images fit either protocol
         server = aio.server(
-            interceptors=[MetricsInterceptor()],
+            interceptors=[MetricsInterceptor(frozenset({STREAM_METHOD, *v2.METHODS}))],  # v2 observes its own
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
@@ -96,8 +98,11 @@ class GrpcServer:
         )
         servicer = ClassifierServicer(self.service, self._draining, self._stream_window)
         pb_grpc.add_ClassifierServicer_to_server(servicer, server)
+        v2_servicer = v2.InferenceServicer(self.service, self._draining, self._stream_window)
+        v2.pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2_servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        names = (SERVICE_NAME, v2.SERVICE_NAME, health_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         await self._publish()  # NOT_SERVING before the first connection is accepted
         self.port = server.add_insecure_port(address(self.settings.host, self.settings.grpc_port))

@@ -23,6 +23,7 @@ from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, PayloadTooLa
 from service.imaging import ImageError
 from service.rest.middleware import RequestContext
 from service.rest.schemas import ClassifyOut, ErrorOut, Health
+from service.v2.rest import create_router as v2_router
 
 log = logging.getLogger(__name__)
 ROUTES = frozenset({"/classify", "/healthz", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json"})
@@ -197,6 +198,8 @@ def create_app(service: Service) -> ASGIApp:
         if service.runtime is None:
             raise NotReady("model is still loading")
         return service.runtime.describe()
+
+    app.include_router(v2_router(service))  # /v2: the Open Inference Protocol (docs/v2.md)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

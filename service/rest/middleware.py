@@ -18,14 +18,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.errors import PayloadTooLarge, RequestTimeout
 from service.logs import request_id
+from service.v2 import routes as v2
 
 log = logging.getLogger("levit.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_HEADER_BYTES = 32 * 1024  # uvicorn's httptools parser sets no limit of its own
 
 
-def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+def error_body(code: str, message: str, v2_form: bool = False) -> bytes:
+    """The API's error JSON; under /v2 the Open Inference Protocol's `{"error": message}`."""
+    return json.dumps({"error": message} if v2_form else {"error": {"code": code, "message": message}}).encode()
 
 
 class RequestContext:
@@ -47,10 +49,12 @@ class RequestContext:
         rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
         path = scope["path"]
-        route = path if path in self.routes or path.startswith("/v2/") else "other"
+        v2_form = v2.is_v2(path)
+        protocol = v2.PROTOCOL if v2_form else self.protocol
+        route = v2.route_label(path) if v2_form else path if path in self.routes else "other"
         status = 500
         start = time.perf_counter()
-        inflight = metrics.INFLIGHT.labels(self.protocol)
+        inflight = metrics.INFLIGHT.labels(protocol)
         inflight.inc()
 
         async def send_wrapper(message: Message) -> None:
@@ -64,19 +68,19 @@ class RequestContext:
             header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
             if header_bytes > MAX_HEADER_BYTES:
                 message = f"request headers of {header_bytes} bytes exceed the {MAX_HEADER_BYTES} byte limit"
-                await self._reject(431, "headers_too_large", message, send_wrapper)
+                await self._reject(431, "headers_too_large", message, send_wrapper, v2_form)
                 return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 message = f"request body of {int(declared)} bytes exceeds the {self.max_body_bytes} byte limit"
                 await self._discard(receive, int(declared))
-                await self._reject(413, "payload_too_large", message, send_wrapper)
+                await self._reject(413, "payload_too_large", message, send_wrapper, v2_form)
                 return
             await self.app(scope, self._limited(receive), send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             inflight.dec()
-            metrics.REQUEST_LATENCY.labels(self.protocol, route, str(status)).observe(elapsed)
+            metrics.REQUEST_LATENCY.labels(protocol, route, str(status)).observe(elapsed)
             log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1000)
             request_id.reset(token)
 
@@ -98,12 +102,12 @@ class RequestContext:
                 return
 
     @staticmethod
-    async def _reject(status: int, code: str, message: str, send: Send) -> None:
+    async def _reject(status: int, code: str, message: str, send: Send, v2_form: bool = False) -> None:
         """Answer without reading the body, and close: the rest of the upload is never read."""
         metrics.REJECTIONS.labels("too_large").inc()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": error_body(code, message)})
+        await send({"type": "http.response.body", "body": error_body(code, message, v2_form)})
 
     def _limited(self, receive: Receive) -> Receive:
         """Count streamed bytes (chunked uploads declare no length) and time out stalled uploads."""

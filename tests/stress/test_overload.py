@@ -91,7 +91,8 @@ def test_surge_at_three_times_capacity(record_property) -> None:
         refusal_p99 = histogram_quantile(samples, 0.99, status="503")
         assert accepted_p99 <= TIMEOUT_MS / 1000
         refusal_p50 = histogram_quantile(samples, 0.5, status="503")
-        assert refusal_p50 * 2 <= histogram_quantile(samples, 0.5, status="200"), "refusals are fast, not after a wait"
+        # Refused at admission, not after waiting out a timeout: a small fraction of the request timeout.
+        assert refusal_p50 <= TIMEOUT_MS / 1000 / 10 and refusal_p99 < TIMEOUT_MS / 1000
         assert metric(samples, "levit_queue_depth") <= MAX_QUEUE
         rss_after = server.rss_mib()
         assert rss_after - rss_before < 200

@@ -1,0 +1,300 @@
+"""`inference.GRPCInferenceService`: the Open Inference Protocol over gRPC, in the same grpc.aio server as
+levit.v1.Classifier, on the same Service.
+
+Inputs come as `raw_input_contents` (what tritonclient and perf_analyzer send) or typed `contents`; outputs
+always go out as `raw_output_contents`, as Triton answers. Errors are gRPC statuses: INVALID_ARGUMENT (bad
+request or image), NOT_FOUND (unknown model or version), RESOURCE_EXHAUSTED (queue full, too many images or
+pixels), DEADLINE_EXCEEDED, UNAVAILABLE (loading, draining), INTERNAL (model failure); the trailing metadata
+`levit-error-code` carries the HTTP API's machine code, as on levit.v1.Classifier.
+Requests are observed in the metrics with protocol="v2-grpc" (here, not by the server's interceptor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc import aio
+
+from service import metrics
+from service.core import Service
+from service.errors import ServiceError
+from service.grpc.gen.inference import grpc_service_pb2 as pb
+from service.grpc.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.grpc.gen.inference import model_config_pb2 as config_pb
+from service.grpc.servicer import SHUTTING_DOWN, stream_window
+from service.grpc.status import Observed, abandoned, abort, access_log, reject
+from service.imaging import ImageError
+from service.v2 import protocol
+from service.v2.protocol import InputTensor, OutputRequest, OutputTensor, ProtocolError
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
+METHODS = frozenset(f"/{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)
+STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
+PROTOCOL = "v2-grpc"
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class V2Observed(Observed):
+    """`Observed` with protocol="v2-grpc": latency histogram, status and in-flight gauge of one v2 request."""
+
+    def __init__(self, method: str, context: aio.ServicerContext) -> None:
+        super().__init__(method, context)
+        self._inflight = metrics.INFLIGHT.labels(PROTOCOL)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        elapsed = time.perf_counter() - self._start
+        self._inflight.dec()
+        status = self.status or self._outcome(error)
+        metrics.REQUEST_LATENCY.labels(PROTOCOL, self.method, status.name).observe(elapsed)
+        access_log.info("gRPC %s -> %s in %.1f ms", self.method, status.name, elapsed * 1000)
+
+
+def status_of(error: ServiceError | ImageError) -> grpc.StatusCode:
+    """The gRPC status of `error`, counted in levit_rejections like everywhere else."""
+    if isinstance(error, protocol.ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    return reject(error)
+
+
+def unary(
+    behavior: Callable[[Any, Request, aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, aio.ServicerContext], Awaitable[Response]]:
+    """Observe the RPC as protocol v2-grpc; service and image errors become their status."""
+    method = f"/{SERVICE_NAME}/{behavior.__name__}"
+
+    @functools.wraps(behavior)
+    async def call(self: Any, request: Request, context: aio.ServicerContext) -> Response:
+        with V2Observed(method, context):
+            try:
+                return await behavior(self, request, context)
+            except (ServiceError, ImageError) as error:
+                await abort(context, status_of(error), error.message, error.code)
+            except asyncio.CancelledError:
+                abandoned(context)  # deadline or client gone: the batcher dropped the queued images
+                raise
+            except Exception as error:
+                log.exception("unhandled error")
+                await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", "internal")
+        raise AssertionError("unreachable")
+
+    return call
+
+
+# --- translations ----------------------------------------------------------------------------------------------
+
+
+def value_of(parameter: pb.InferParameter) -> Any:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+def parameters_of(where: str, parameters: Any) -> dict[str, Any]:
+    values = {key: value_of(parameter) for key, parameter in parameters.items()}
+    protocol.check_parameters(where, values)
+    return values
+
+
+def inputs_of(request: pb.ModelInferRequest) -> list[InputTensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input"
+        )
+    tensors = []
+    for i, item in enumerate(request.inputs):
+        shape = list(item.shape)
+        parameters_of(f"input '{item.name}'", item.parameters)
+        protocol.check_input(item.name, item.datatype, shape)
+        values: list[bytes] | np.ndarray
+        if raw:
+            if item.HasField("contents"):
+                raise ProtocolError(f"input '{item.name}' has both contents and raw_input_contents")
+            if item.datatype == "BYTES":
+                values = protocol.deserialize_bytes(raw[i], item.name)
+            else:
+                values = protocol.fp32_from_raw(raw[i], item.name)
+        else:
+            contents = item.contents
+            others = [f.name for f, _ in contents.ListFields() if f.name not in ("bytes_contents", "fp32_contents")]
+            if others:
+                raise ProtocolError(f"input '{item.name}' ({item.datatype}) cannot carry {others[0]}")
+            if item.datatype == "BYTES":
+                values = list(contents.bytes_contents)
+            else:
+                values = np.array(contents.fp32_contents, dtype=np.float32)
+        tensor = InputTensor(item.name, item.datatype, shape, values)
+        protocol.check_count(tensor)
+        tensors.append(tensor)
+    return tensors
+
+
+def outputs_of(request: pb.ModelInferRequest) -> list[OutputRequest]:
+    requested = []
+    for item in request.outputs:
+        parameters = parameters_of(f"output '{item.name}'", item.parameters)
+        k = parameters.get("classification")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+            raise ProtocolError(f"output '{item.name}' parameter classification must be an integer, got {k!r}")
+        requested.append(OutputRequest(item.name, k))
+    return requested
+
+
+def response_of(model: str, request_id: str, tensors: list[OutputTensor]) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(
+        model_name=model,
+        model_version=protocol.VERSION,
+        id=request_id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors
+        ],
+        raw_output_contents=[t.raw() for t in tensors],
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: Service, draining: asyncio.Event, window: int | None = None) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._draining = draining  # set when the service stops accepting work: streams then end
+        self.window = window or stream_window(self.settings.max_batch_size)
+
+    def _deadline(self, context: aio.ServicerContext, parameters: dict[str, Any]) -> float:
+        """The gRPC deadline, or the `timeout` parameter when shorter; neither: the server's default."""
+        remaining = context.time_remaining()
+        requested = protocol.timeout_ms(parameters)
+        by_parameter = self.service.deadline(requested)
+        if remaining is None:
+            return by_parameter
+        by_grpc = time.monotonic() + remaining
+        return min(by_grpc, by_parameter) if requested is not None else by_grpc
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext, streamed: bool = False
+    ) -> pb.ModelInferResponse:
+        model = protocol.resolve(self.settings, request.model_name, request.model_version)
+        self.service.check_capacity()
+        parameters = parameters_of("the request", request.parameters)
+        deadline = self._deadline(context, parameters)
+        if streamed:  # a stream's deadline bounds the stream; each request also gets the server's default
+            deadline = min(deadline, self.service.deadline(None))
+        job = protocol.Infer(self.service, model, inputs_of(request), outputs_of(request), request.id)
+        return response_of(model, job.id, await job.run(deadline))
+
+    # --- RPCs ------------------------------------------------------------------------------------------------------
+
+    @unary
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.service.ready)
+
+    @unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+        protocol.resolve(self.settings, request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.service.ready)
+
+    @unary
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return json_format.ParseDict(protocol.server_metadata(), pb.ServerMetadataResponse())
+
+    @unary
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        protocol.resolve(self.settings, request.name, request.version)
+        return json_format.ParseDict(protocol.model_metadata(self.settings), pb.ModelMetadataResponse())
+
+    @unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext) -> pb.ModelConfigResponse:
+        protocol.resolve(self.settings, request.name, request.version)
+        config = json_format.ParseDict(protocol.model_config(self.service), config_pb.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    @unary
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
+    ) -> None:
+        """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
+        window = asyncio.Semaphore(self.window)
+        write_lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+        draining = asyncio.ensure_future(self._draining.wait())
+        requests = aiter(request_iterator)
+        shutting_down = False
+        try:
+            while True:
+                await window.acquire()
+                incoming = asyncio.ensure_future(anext(requests))
+                await asyncio.wait({incoming, draining}, return_when=asyncio.FIRST_COMPLETED)
+                if not incoming.done():  # draining: stop reading, finish what was accepted
+                    incoming.cancel()
+                    shutting_down = True
+                    break
+                try:
+                    request = incoming.result()
+                except StopAsyncIteration:
+                    break
+                task = asyncio.ensure_future(self._stream_one(request, context, window, write_lock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            draining.cancel()
+            for task in tasks:  # the stream was cancelled (client gone, deadline): so is its queued work
+                task.cancel()
+        if shutting_down:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
+
+    async def _stream_one(
+        self,
+        request: pb.ModelInferRequest,
+        context: aio.ServicerContext,
+        window: asyncio.Semaphore,
+        write_lock: asyncio.Lock,
+    ) -> None:
+        """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
+        try:
+            with V2Observed(STREAM_METHOD, context) as observed:
+                try:
+                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, True))
+                except (ServiceError, ImageError) as error:
+                    observed.status = status_of(error)
+                    response = pb.ModelStreamInferResponse(
+                        error_message=error.message, infer_response=pb.ModelInferResponse(id=request.id)
+                    )
+                except asyncio.CancelledError:
+                    observed.status = abandoned(context)
+                    raise
+                except Exception as error:
+                    log.exception("unhandled error")
+                    observed.status = grpc.StatusCode.INTERNAL
+                    response = pb.ModelStreamInferResponse(
+                        error_message=f"internal error: {type(error).__name__}",
+                        infer_response=pb.ModelInferResponse(id=request.id),
+                    )
+                async with write_lock:
+                    try:
+                        await context.write(response)
+                    except aio.BaseError as error:  # the stream ended (cancelled, or aborted) meanwhile
+                        log.debug("response to %r not sent: %r", request.id, error)
+        finally:
+            window.release()  # after the write: responses the client is slow to read count in the window
