@@ -13,12 +13,38 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch import nn
 
 from model.configs import IMAGE_SIZE
 from model.fuse import FusedLeViT
 
 EngineKind = Literal["auto", "compile", "trace", "eager"]
 log = logging.getLogger(__name__)
+
+
+class OneDnnLinear(nn.Module):
+    """`nn.Linear` through oneDNN's inner product instead of MKL's sgemm: the same fp32 math.
+
+    On the AMD AVX-512 machine we measured, MKL's sgemm reaches ~230 GFLOP/s on 2 cores and oneDNN's
+    JIT kernels ~500, and Inductor's weight pre-packing picks MKL for fp32, so the op is called
+    explicitly (docs/benchmarks.md). The input is flattened to 2-D, the form Inductor's freezing expects.
+    """
+
+    def __init__(self, src: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(src.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(src.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def onednn_linears(module: nn.Module) -> nn.Module:
+    """Swap every `nn.Linear` (in place) for `OneDnnLinear`; CPU fp32 only."""
+    for name, child in list(module.named_children()):
+        setattr(module, name, OneDnnLinear(child) if isinstance(child, nn.Linear) else onednn_linears(child))
+    return module
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -56,6 +82,9 @@ class Engine:
         self.kind = resolve_kind(kind, self.device)
         self.max_batch_size = max_batch_size
         self.model = model.to(self.device, dtype).eval()
+        onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if onednn and self.kind != "trace":  # TorchScript cannot trace the oneDNN op's optional-scalar list
+            self.model = onednn_linears(self.model)
         self.buckets = bucket_sizes(max_batch_size) if self.kind == "compile" else ()
         self._run = self._build()
 

@@ -1,0 +1,285 @@
+"""A cheap closed-loop load generator: N virtual clients, each with one request in flight.
+
+It shares the machine's cores with the server it measures, so per request it does as little as
+possible: request bodies are built once, HTTP goes over raw asyncio streams with keep-alive (one
+connection per virtual client) and a response is parsed only as far as its status line and
+Content-Length. gRPC sends pre-serialized messages (no per-call protobuf work) over one channel per
+virtual client, unary or one long-lived stream per client.
+
+A protocol is a `Driver`: `connect()` returns a `Client` whose `call(payload_index)` sends one
+request and returns when its full response has arrived (raising on anything but success). Adding a
+protocol is adding a driver to `DRIVERS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import resource
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One image file as a client would upload it."""
+
+    filename: str
+    data: bytes
+    content_type: str = "image/jpeg"
+
+
+class Client(Protocol):
+    async def call(self, index: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Driver(Protocol):
+    name: str
+
+    async def connect(self) -> Client: ...
+
+
+class RequestFailed(Exception):
+    pass
+
+
+# --- HTTP/1.1 over raw asyncio streams -------------------------------------------------------------------
+
+
+def multipart_request(host: str, port: int, payload: Payload, field_name: str = "img") -> bytes:
+    """A complete `POST /classify` request (headers and multipart body) for one image, keep-alive."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        (
+            f"--{boundary}\r\n".encode(),
+            f'Content-Disposition: form-data; name="{field_name}"; filename="{payload.filename}"\r\n'.encode(),
+            f"Content-Type: {payload.content_type}\r\n\r\n".encode(),
+            payload.data,
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: levit-bench\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class HttpClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: Sequence[bytes]) -> None:
+        self.reader, self.writer, self.requests = reader, writer, requests
+        self.checked = False
+
+    async def call(self, index: int) -> None:
+        self.writer.write(self.requests[index])
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head[9:12]
+        length = -1
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+                break
+        if length < 0:
+            raise RequestFailed(f"no Content-Length in response: {head[:200]!r}")
+        body = await self.reader.readexactly(length)
+        if status != b"200":
+            raise RequestFailed(f"HTTP {status.decode()}: {body[:300]!r}")
+        if not self.checked:  # once per connection: the body really is a classification
+            self.checked = True
+            if not json.loads(body)["results"][0]["predictions"]:
+                raise RequestFailed(f"no predictions in {body[:300]!r}")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+class HttpDriver:
+    name = "http"
+
+    def __init__(self, host: str, port: int, payloads: Sequence[Payload]) -> None:
+        self.host, self.port = host, port
+        self.requests = [multipart_request(host, port, p) for p in payloads]
+
+    async def connect(self) -> Client:
+        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        return HttpClient(reader, writer, self.requests)
+
+
+# --- gRPC (service/grpc/gen stubs) -----------------------------------------------------------------------
+
+GRPC_STUBS = "service.grpc.gen.levit.v1.classifier_pb2"
+
+
+def grpc_available() -> bool:
+    try:
+        return importlib.util.find_spec(GRPC_STUBS) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+_GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, i.e. per virtual client
+]
+
+
+class GrpcUnaryClient:
+    def __init__(self, channel: object, call: Callable, requests: Sequence[bytes], parse: Callable) -> None:
+        self.channel, self._call, self.requests, self._parse = channel, call, requests, parse
+        self.checked = False
+
+    async def call(self, index: int) -> None:
+        reply = await self._call(self.requests[index])
+        if not self.checked:
+            self.checked = True
+            if not self._parse(reply).results[0].predictions:
+                raise RequestFailed("no predictions in the gRPC response")
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class GrpcStreamClient:
+    """One ClassifyStream per virtual client, one request in flight on it (closed loop, like the others)."""
+
+    def __init__(self, channel: object, stream: object, requests: Sequence[bytes], parse: Callable) -> None:
+        self.channel, self.stream, self.requests, self._parse = channel, stream, requests, parse
+        self.checked = False
+
+    async def call(self, index: int) -> None:
+        await self.stream.write(self.requests[index])
+        reply = await self.stream.read()
+        if not isinstance(reply, bytes):
+            raise RequestFailed(f"stream ended: {await self.stream.code()} {await self.stream.details()}")
+        message = self._parse(reply)  # failures arrive in-band on a stream: parse every response (~µs)
+        if message.HasField("error"):
+            raise RequestFailed(f"stream error: {message.error.reason}: {message.error.message}")
+        if not message.results[0].predictions:
+            raise RequestFailed("no predictions in the gRPC stream response")
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.done_writing()
+        await self.channel.close()
+
+
+class GrpcDriver:
+    """`grpc-unary` (Classify) or `grpc-stream` (ClassifyStream), with the generated message classes."""
+
+    def __init__(self, host: str, port: int, payloads: Sequence[Payload], streaming: bool) -> None:
+        from service.grpc.gen.levit.v1 import classifier_pb2 as pb
+
+        self.pb = pb
+        self.target = f"{host}:{port}"
+        self.streaming = streaming
+        self.name = "grpc-stream" if streaming else "grpc-unary"
+        service = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+        self.method = f"/{service}/{'ClassifyStream' if streaming else 'Classify'}"
+        self.requests = [
+            pb.ClassifyRequest(
+                images=[pb.Image(data=p.data, filename=p.filename)], request_id=str(i)
+            ).SerializeToString()
+            for i, p in enumerate(payloads)
+        ]
+
+    async def connect(self) -> Client:
+        from grpc import aio
+
+        channel = aio.insecure_channel(self.target, options=_GRPC_OPTIONS)
+        await channel.channel_ready()
+        parse = self.pb.ClassifyResponse.FromString
+        if self.streaming:
+            stream = channel.stream_stream(self.method)()  # no (de)serializers: bytes in, bytes out
+            return GrpcStreamClient(channel, stream, self.requests, parse)
+        return GrpcUnaryClient(channel, channel.unary_unary(self.method), self.requests, parse)
+
+
+DRIVERS: dict[str, Callable[[str, int, Sequence[Payload]], Driver]] = {
+    "http": HttpDriver,
+    "grpc-unary": lambda host, port, payloads: GrpcDriver(host, port, payloads, streaming=False),
+    "grpc-stream": lambda host, port, payloads: GrpcDriver(host, port, payloads, streaming=True),
+}
+
+
+# --- running a level -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LevelResult:
+    protocol: str
+    payloads: str
+    concurrency: int
+    seconds: float  # measured window
+    latencies: list[float] = field(default_factory=list)  # seconds, requests completed inside the window
+    errors: int = 0
+    first_error: str = ""
+    client_cpu: float = 0.0  # load generator CPU seconds / window seconds (1.0 = one core)
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        if len(self.latencies) == 1:
+            return self.latencies[0] * 1000
+        return statistics.quantiles(self.latencies, n=100, method="inclusive")[round(q) - 1] * 1000
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def run_level(
+    driver: Driver, count: int, concurrency: int, warmup: float, duration: float, label: str = ""
+) -> LevelResult:
+    """`concurrency` clients cycle through `count` payloads for warmup + duration seconds.
+
+    Only requests that start after the warm-up and finish inside the window count; the window's
+    throughput is those requests divided by its length (every request carries one image).
+    """
+    clients = [await driver.connect() for _ in range(concurrency)]
+    result = LevelResult(driver.name, label, concurrency, duration)
+    start = time.perf_counter()
+    window_start, window_end = start + warmup, start + warmup + duration
+    cpu_at_window: list[float] = []
+
+    async def loop(client: Client, offset: int) -> None:
+        i = offset
+        while (now := time.perf_counter()) < window_end:
+            if now >= window_start and not cpu_at_window:
+                cpu_at_window.append(_cpu_seconds())
+            try:
+                await client.call(i % count)
+            except Exception as error:
+                result.errors += 1
+                result.first_error = result.first_error or f"{type(error).__name__}: {error}"[:300]
+                if isinstance(error, OSError | asyncio.IncompleteReadError):
+                    return
+            else:
+                done = time.perf_counter()
+                if now >= window_start and done <= window_end:
+                    result.latencies.append(done - now)
+            i += 1
+
+    try:
+        await asyncio.gather(*(loop(c, k) for k, c in enumerate(clients)))
+    finally:
+        cpu_end = _cpu_seconds()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    if cpu_at_window:
+        result.client_cpu = (cpu_end - cpu_at_window[0]) / (time.perf_counter() - window_start)
+    return result
