@@ -78,8 +78,7 @@ class Service:
 
     async def start(self) -> None:
         """Load and warm the model off the loop; the HTTP server answers /healthz meanwhile."""
-        self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
-        await asyncio.to_thread(self.runtime.warmup)
+        self.runtime = await asyncio.to_thread(self._load_and_warm)
         self.batcher = Batcher(
             self.runtime.engine,
             self.settings.max_batch_size,
@@ -90,6 +89,12 @@ class Service:
         self.batcher.start()
         self.phase = Phase.READY
         log.info("ready")
+
+    def _load_and_warm(self) -> ModelRuntime:
+        """One thread builds and warms the engine: compiled graphs stay with the thread that traced them."""
+        runtime = ModelRuntime(self.settings)
+        runtime.warmup()
+        return runtime
 
     def deadline(self, timeout_ms: float | None) -> float:
         """Client-provided timeout, capped by nothing but sanity; the default comes from settings."""
