@@ -54,7 +54,11 @@ class Batcher:
         self._before_forward = before_forward  # test hook: set only from Python, never from config
         self._queue: deque[_Item] = deque()
         self._pending: list[_Item] = []  # the batch being formed while the model is busy
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="levit-model")
+        # Intra-op thread counts are per thread in OpenMP: give the model thread the process's setting.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="levit-model", initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )  # fmt: skip
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
