@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -91,6 +92,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the benchmark dies, so no server outlives its run (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class ServerProcess:
     env: dict[str, str]
@@ -117,7 +124,9 @@ class ServerProcess:
             **self.env,
         }
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(
+                self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent
+            )
 
     @property
     def pid(self) -> int:
@@ -490,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.switch_interval:
         prelude = f"import sys\nsys.setswitchinterval({args.switch_interval!r})\n{prelude}"
     server = ServerProcess(env, prelude=prelude)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` below: stop the server
     server.start()
     try:
         print(f"server pid {server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)
