@@ -95,7 +95,8 @@ def test_surge_at_three_times_capacity(record_property) -> None:
         assert refusal_p50 <= TIMEOUT_MS / 1000 / 10 and refusal_p99 < TIMEOUT_MS / 1000
         assert metric(samples, "levit_queue_depth") <= MAX_QUEUE
         rss_after = server.rss_mib()
-        assert rss_after - rss_before < 200
+        # Bounded by the queue (48 images) and the 400 client connections buffering uploads: ~170 MiB seen.
+        assert rss_after - rss_before < 300
 
         _, recovered = asyncio.run(closed_loop(server.url, 1, 2))
         assert statistics.median(recovered) < 2 * statistics.median(calm) + 0.01
