@@ -235,14 +235,14 @@ def decode_ms(payloads: list[Payload], min_time: float) -> float:
     import torch
 
     from bench.timing import fast, time_block
-    from service.imaging import load_image_tensor
+    from service.imaging import load_image_pixels
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         times = [
             fast(
-                time_block(lambda p=p: load_image_tensor(p.data, filename=p.filename, max_pixels=50_000_000), min_time)
+                time_block(lambda p=p: load_image_pixels(p.data, filename=p.filename, max_pixels=50_000_000), min_time)
             )
             for p in payloads
         ]

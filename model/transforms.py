@@ -12,9 +12,9 @@ RESIZE_SHORT_SIDE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# x_norm = (x/255 - mean) / std, folded into one multiply-add per pixel.
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float32))).astype(np.float32)
-_OFFSET = (-np.asarray(IMAGENET_MEAN, dtype=np.float32) / np.asarray(IMAGENET_STD, dtype=np.float32)).astype(np.float32)
+# x_norm = (x/255 - mean) / std, folded into one multiply and one add per value.
+_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
+_OFFSET = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
 
 
 def resized_size(width: int, height: int, short_side: int = RESIZE_SHORT_SIDE) -> tuple[int, int]:
@@ -48,15 +48,30 @@ def resize_and_crop(image: Image.Image) -> Image.Image:
     return image.resize((right - left, bottom - top), Image.Resampling.BICUBIC, box=box)
 
 
-def normalize(image: Image.Image) -> torch.Tensor:
-    """A 224x224 RGB image to a float32 CHW tensor with ImageNet normalisation."""
-    pixels = np.asarray(image, dtype=np.float32)
-    chw = (pixels * _SCALE + _OFFSET).transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(chw))
+def crop_pixels(image: Image.Image) -> torch.Tensor:
+    """The resized centre crop of an RGB image as `[224, 224, 3]` uint8 (HWC, as Pillow stores it).
+
+    Servers normalise these in the model thread, a whole batch at a time: 4x smaller in the queue,
+    and one vectorised pass per batch instead of a float conversion per image in a decode thread.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    return torch.from_numpy(np.array(resize_and_crop(image)))
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 `[B, H, W, 3]` to the model's float32 `[B, 3, H, W]` with ImageNet normalisation."""
+    batch = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return batch.mul_(_SCALE).add_(_OFFSET)
+
+
+def batch_input(images: list[torch.Tensor]) -> torch.Tensor:
+    """One model batch from `crop_pixels` outputs (uint8) and already normalised `[3, H, W]` float tensors."""
+    if all(image.dtype == torch.uint8 for image in images):
+        return normalize(torch.stack(images))
+    return torch.stack([normalize(i[None])[0] if i.dtype == torch.uint8 else i for i in images])
 
 
 def preprocess(image: Image.Image) -> torch.Tensor:
     """The reference transform: RGB PIL image in, `[3, 224, 224]` float32 tensor out."""
-    if image.mode != "RGB":
-        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
-    return normalize(resize_and_crop(image))
+    return normalize(crop_pixels(image)[None])[0]

@@ -18,9 +18,9 @@ import torch
 
 from service import metrics
 from service.batching import Batcher
-from service.batching.batcher import Hook
+from service.batching.batcher import Hook, model_thread
 from service.errors import BadRequest, Draining, NotReady, PayloadTooLarge, QueueFull
-from service.imaging import ImageError, load_image_tensor
+from service.imaging import ImageError, load_image_pixels
 from service.runtime import ModelRuntime, Prediction, top_k
 from service.settings import Settings
 
@@ -55,6 +55,7 @@ class Service:
         self.batcher: Batcher | None = None
         self._before_forward = before_forward
         self._inflight = 0  # admitted classify calls; drain waits for them
+        self._model_thread = model_thread()
         self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="levit-decode")
 
     @property
@@ -78,23 +79,19 @@ class Service:
 
     async def start(self) -> None:
         """Load and warm the model off the loop; the HTTP server answers /healthz meanwhile."""
-        self.runtime = await asyncio.to_thread(self._load_and_warm)
+        loop = asyncio.get_running_loop()
+        self.runtime = await loop.run_in_executor(self._model_thread, ModelRuntime.warm, self.settings)
         self.batcher = Batcher(
             self.runtime.engine,
             self.settings.max_batch_size,
             self.settings.max_batch_delay_ms / 1000,
             self.settings.max_queue,
+            self._model_thread,
             before_forward=self._before_forward,
         )
         self.batcher.start()
         self.phase = Phase.READY
         log.info("ready")
-
-    def _load_and_warm(self) -> ModelRuntime:
-        """One thread builds and warms the engine: compiled graphs stay with the thread that traced them."""
-        runtime = ModelRuntime(self.settings)
-        runtime.warmup()
-        return runtime
 
     def deadline(self, timeout_ms: float | None) -> float:
         """Client-provided timeout, capped by nothing but sanity; the default comes from settings."""
@@ -130,7 +127,7 @@ class Service:
 
     def _decode(self, upload: Upload) -> torch.Tensor:
         start = time.perf_counter()
-        tensor = load_image_tensor(
+        tensor = load_image_pixels(
             upload.data,
             filename=upload.filename,
             max_pixels=self.settings.max_image_pixels,
@@ -173,6 +170,7 @@ class Service:
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
 

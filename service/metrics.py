@@ -23,7 +23,9 @@ MODEL_FORWARD = Histogram(
     "levit_model_forward_seconds", "Wall time of one batched model call.", buckets=LATENCY_BUCKETS
 )
 PREPROCESS = Histogram(
-    "levit_preprocess_seconds", "Decode + resize + normalise time per image.", buckets=LATENCY_BUCKETS
+    "levit_preprocess_seconds",
+    "Decode + resize + crop time per image (normalisation runs per batch, in the model thread).",
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("levit_queue_depth", "Images waiting for the model.")
 INFLIGHT = Gauge("levit_inflight_requests", "Requests being handled.", ["protocol"])

@@ -65,10 +65,14 @@ class ModelRuntime:
         )  # fmt: skip
         metrics.MODEL_INFO.labels(self.config.name, self.weights.id, str(self.device), settings.dtype).set(1)
 
-    def warmup(self) -> None:
+    @classmethod
+    def warm(cls, settings: Settings) -> ModelRuntime:
+        """Load, then run every batch size once: call it in the thread that will run the model."""
+        runtime = cls(settings)
         start = time.perf_counter()
-        self.engine.warmup()
-        log.info("warm-up done in %.1fs (batch sizes %s)", time.perf_counter() - start, self.engine.buckets or "any")
+        runtime.engine.warmup()
+        log.info("warm-up done in %.1fs (batch sizes %s)", time.perf_counter() - start, runtime.engine.buckets or "any")
+        return runtime
 
     def describe(self) -> dict[str, Any]:
         """`GET /v1/model` and gRPC `GetModel`."""

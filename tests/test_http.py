@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.runtime import ModelRuntime
 from tests.conftest import Gate, ServerThread, photo, wait_until
 from tests.helpers import metric, scrape
 
@@ -143,6 +145,25 @@ def test_concurrent_requests_are_batched_with_identical_results(gate: Gate) -> N
     finally:
         gate.open.set()
         srv.stop()
+
+
+def test_one_thread_builds_warms_and_runs_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second thread running torch work starts a second OpenMP team: 2.6x slower batches (batcher.py)."""
+    threads: dict[str, set[int]] = {"warm": set(), "forward": set()}
+    warm = ModelRuntime.warm.__func__
+
+    def recording_warm(cls: type[ModelRuntime], settings):
+        threads["warm"].add(threading.get_ident())
+        return warm(cls, settings)
+
+    monkeypatch.setattr(ModelRuntime, "warm", classmethod(recording_warm))
+    srv = ServerThread(hook=lambda _: threads["forward"].add(threading.get_ident()), max_batch_size=2).start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: classify(srv.url, [("c", CAT)]), range(8)))
+    finally:
+        srv.stop()
+    assert len(threads["warm"]) == 1 and threads["forward"] == threads["warm"]
 
 
 def test_queue_full_is_refused_fast(gate: Gate) -> None:

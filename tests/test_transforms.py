@@ -10,7 +10,9 @@ from PIL import Image
 from model.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    batch_input,
     center_crop_box,
+    crop_pixels,
     preprocess,
     resize_and_crop,
     resized_size,
@@ -57,6 +59,17 @@ def test_resize_uses_bicubic() -> None:
     raw = (out[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
     assert raw.max() > 150
     assert raw.min() < 99.5
+
+
+def test_batch_normalisation_equals_the_per_image_transform() -> None:
+    """The server queues uint8 crops and normalises per batch; v2 clients may send normalised floats."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((300, 451), (256, 256))]
+    crops = [crop_pixels(i) for i in images]
+    assert crops[0].shape == (224, 224, 3) and crops[0].dtype == torch.uint8
+    reference = torch.stack([preprocess(i) for i in images])
+    assert torch.equal(batch_input(crops), reference)
+    assert torch.equal(batch_input([crops[0], reference[1]]), reference)
 
 
 def test_non_rgb_input_is_rejected() -> None:

@@ -19,12 +19,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.transforms import batch_input
 from service import metrics
 from service.errors import DeadlineExceeded, Draining, ModelFailure, QueueFull
 
 log = logging.getLogger(__name__)
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
 Hook = Callable[[int], None]
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that builds, warms and runs the model.
+
+    OpenMP gives every thread that opens a parallel region its own team of workers, and libgomp stops its
+    workers spinning between regions once the process holds more of them than cores. LeViT runs hundreds
+    of small parallel ops per batch, so one extra team (left by a loader or warm-up thread) makes every op
+    wait for a futex wake-up: 2.6x slower at batch 1 on 2 cores (docs/benchmarks.md). All model work in
+    one thread keeps one team.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="levit-model")
 
 
 @dataclass(eq=False)
@@ -37,7 +50,7 @@ class _Item:
 
 
 class Batcher:
-    """`classify()` takes preprocessed images and returns their class probabilities, in order."""
+    """`classify()` takes cropped images (`batch_input`'s forms) and returns their class probabilities, in order."""
 
     def __init__(
         self,
@@ -45,6 +58,7 @@ class Batcher:
         max_batch_size: int,
         max_batch_delay_s: float,
         max_queue: int,
+        model_thread: ThreadPoolExecutor,
         before_forward: Hook | None = None,
     ) -> None:
         self._run_batch = run_batch
@@ -54,11 +68,7 @@ class Batcher:
         self._before_forward = before_forward  # test hook: set only from Python, never from config
         self._queue: deque[_Item] = deque()
         self._pending: list[_Item] = []  # the batch being formed while the model is busy
-        # Intra-op thread counts are per thread in OpenMP: give the model thread the process's setting.
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="levit-model", initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
-        )  # fmt: skip
+        self._model_thread = model_thread  # the one thread that has built the engine: see `model_thread()`
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -154,7 +164,7 @@ class Batcher:
         if self._before_forward is not None:
             self._before_forward(len(tensors))
         start = time.perf_counter()
-        probs = self._run_batch(torch.stack(tensors)).softmax(dim=-1)
+        probs = self._run_batch(batch_input(tensors)).softmax(dim=-1)
         metrics.MODEL_FORWARD.observe(time.perf_counter() - start)
         return probs
 
@@ -165,7 +175,7 @@ class Batcher:
         metrics.BATCH_SIZE.observe(len(batch))
         try:
             loop = asyncio.get_running_loop()
-            probs = await loop.run_in_executor(self._executor, self._forward, [i.tensor for i in batch])
+            probs = await loop.run_in_executor(self._model_thread, self._forward, [i.tensor for i in batch])
         except Exception as error:
             log.exception("model failed on a batch of %d images", len(batch))
             failure = ModelFailure(f"model failed on this batch: {type(error).__name__}")
@@ -192,4 +202,3 @@ class Batcher:
     async def close(self) -> None:
         if self._former is not None:
             self._former.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)

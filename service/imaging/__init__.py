@@ -7,6 +7,7 @@ from service.imaging.decode import (
     ImageTooLarge,
     UnsupportedImage,
     decode_image,
+    load_image_pixels,
     load_image_tensor,
     to_rgb,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ImageTooLarge",
     "UnsupportedImage",
     "decode_image",
+    "load_image_pixels",
     "load_image_tensor",
     "to_rgb",
 ]

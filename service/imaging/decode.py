@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from model.transforms import RESIZE_SHORT_SIDE, preprocess
+from model.transforms import RESIZE_SHORT_SIDE, crop_pixels, preprocess
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})  # MPO: multi-picture JPEG
 # Pillow has no MPO opener: its JPEG plugin recognises multi-picture files and returns them as "MPO".
@@ -110,8 +110,13 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int, exact: bool = F
         raise CorruptImage(filename, f"{name} is truncated or corrupt: {error}") from None
 
 
+def load_image_pixels(data: bytes, *, filename: str, max_pixels: int, exact: bool = False) -> torch.Tensor:
+    """decode_image + model.transforms.crop_pixels -> [224,224,3] uint8, what the server queues."""
+    return crop_pixels(decode_image(data, filename=filename, max_pixels=max_pixels, exact=exact))
+
+
 def load_image_tensor(data: bytes, *, filename: str, max_pixels: int, exact: bool = False) -> torch.Tensor:
-    """decode_image + model.transforms.preprocess -> [3,224,224] float32."""
+    """decode_image + model.transforms.preprocess -> [3,224,224] float32, the model's input."""
     return preprocess(decode_image(data, filename=filename, max_pixels=max_pixels, exact=exact))
 
 
