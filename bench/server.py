@@ -166,6 +166,17 @@ class ServerProcess:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds so far by OS thread name (service/threads.py names the pools; OpenMP workers
+        inherit `levit-model`, the event loop is the main thread), numbered pool threads summed."""
+        out: dict[str, float] = {}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread may exit between listing and reading
+                name = (task / "comm").read_text().strip().rstrip("0123456789").rstrip("_")
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
@@ -330,9 +341,12 @@ async def drive(
                 for attempt in range(1 + RETRIES):
                     waited = wait_quiet(timeout=QUIET_TIMEOUT_S)
                     before, cpu0, t0 = server.metrics(), server.cpu_seconds(), time.perf_counter()
+                    threads0 = server.thread_cpu()
                     with on_level(protocol, name, c), Foreign(lambda: own_cpu_seconds() + server.cpu_seconds()) as f:
                         result = await run_level(driver, len(payloads), c, warmup, seconds, label=name)
-                    cpu = (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+                    elapsed = time.perf_counter() - t0
+                    cpu = (server.cpu_seconds() - cpu0) / elapsed
+                    split = {k: (v - threads0.get(k, 0.0)) / elapsed for k, v in server.thread_cpu().items()}
                     stats = server_stats(before, server.metrics(), cpu, f.cores)
                     if best is None or stats.foreign < best[1].foreign:
                         best = (result, stats)
@@ -343,6 +357,10 @@ async def drive(
                         f"server CPU {100 * cpu:3.0f}%, batch {stats.batch:4.1f}, forward {stats.forward_ms:5.1f} ms, "
                         f"decode {stats.preprocess_ms:4.1f} ms; loadgen CPU {100 * result.client_cpu:3.0f}%; "
                         f"other processes {100 * stats.foreign:3.0f}%"
+                        + "\n      server CPU by thread: "
+                        + ", ".join(
+                            f"{k} {100 * v:.0f}%" for k, v in sorted(split.items(), key=lambda kv: -kv[1]) if v >= 0.01
+                        )
                         + (f" (waited {waited:.0f}s for quiet)" if waited > 1.5 else "")
                         + (f"  {result.errors} errors, first: {result.first_error}" if result.errors else "")
                         + ("  -> noisy, again" if noisy and attempt < RETRIES else ""),

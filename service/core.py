@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from service.errors import BadRequest, Draining, NotReady, PayloadTooLarge, Queu
 from service.imaging import ImageError, load_image_pixels
 from service.runtime import ModelRuntime, Prediction, top_k
 from service.settings import Settings
+from service.threads import named_pool
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Service:
         self._before_forward = before_forward
         self._inflight = 0  # admitted classify calls; drain waits for them
         self._model_thread = model_thread()
-        self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="levit-decode")
+        self._decoders = named_pool("levit-decode", os.cpu_count() or 2)
 
     @property
     def phase(self) -> Phase:

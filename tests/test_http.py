@@ -7,6 +7,7 @@ import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -157,13 +158,21 @@ def test_one_thread_builds_warms_and_runs_the_model(monkeypatch: pytest.MonkeyPa
         return warm(cls, settings)
 
     monkeypatch.setattr(ModelRuntime, "warm", classmethod(recording_warm))
-    srv = ServerThread(hook=lambda _: threads["forward"].add(threading.get_ident()), max_batch_size=2).start()
+    names: set[int] = set()
+
+    def hook(_: int) -> None:
+        threads["forward"].add(threading.get_ident())
+        names.add(threading.get_native_id())
+
+    srv = ServerThread(hook=hook, max_batch_size=2).start()
     try:
         with ThreadPoolExecutor(4) as pool:
             assert all(r.status_code == 200 for r in pool.map(lambda _: classify(srv.url, [("c", CAT)]), range(8)))
     finally:
         srv.stop()
     assert len(threads["warm"]) == 1 and threads["forward"] == threads["warm"]
+    (native,) = names
+    assert Path(f"/proc/self/task/{native}/comm").read_text().strip() == "levit-model_0"  # top -H shows the pool
 
 
 def test_queue_full_is_refused_fast(gate: Gate) -> None:

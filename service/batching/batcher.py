@@ -22,6 +22,7 @@ import torch
 from model.transforms import batch_input
 from service import metrics
 from service.errors import DeadlineExceeded, Draining, ModelFailure, QueueFull
+from service.threads import named_pool
 
 log = logging.getLogger(__name__)
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
@@ -37,7 +38,7 @@ def model_thread() -> ThreadPoolExecutor:
     wait for a futex wake-up: 2.6x slower at batch 1 on 2 cores (docs/benchmarks.md). All model work in
     one thread keeps one team.
     """
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="levit-model")
+    return named_pool("levit-model", 1)
 
 
 @dataclass(eq=False)
