@@ -18,18 +18,12 @@ from service.errors import NotReady, ServiceError
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc.status import Observed, abandoned, abort, reject
+from service.grpc.streams import Write, serve_stream, stream_window
 from service.imaging import ImageError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "levit.v1.Classifier"
 STREAM_METHOD = f"/{SERVICE_NAME}/ClassifyStream"
-SHUTTING_DOWN = "server is shutting down; retry on another replica"
-
-
-def stream_window(max_batch_size: int) -> int:
-    """Requests one ClassifyStream may have in progress: enough to fill two batches (one computing, one
-    forming). Raw request bytes held per stream stay below window x the message limit."""
-    return max(4, 2 * max_batch_size)
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -98,44 +92,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: aio.ServicerContext
     ) -> None:
         """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
-        window = asyncio.Semaphore(self.window)
-        write_lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
-        draining = asyncio.ensure_future(self._draining.wait())
-        requests = aiter(request_iterator)
-        shutting_down = False
-        try:
-            while True:
-                await window.acquire()
-                incoming = asyncio.ensure_future(anext(requests))
-                await asyncio.wait({incoming, draining}, return_when=asyncio.FIRST_COMPLETED)
-                if not incoming.done():  # draining: stop reading, finish what was accepted
-                    incoming.cancel()
-                    shutting_down = True
-                    break
-                try:
-                    request = incoming.result()
-                except StopAsyncIteration:
-                    break
-                task = asyncio.ensure_future(self._stream_one(request, context, window, write_lock))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(tasks)
-        finally:
-            draining.cancel()
-            for task in tasks:  # the stream was cancelled (client gone, deadline): so is its queued work
-                task.cancel()
-        if shutting_down:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
 
-    async def _stream_one(
-        self,
-        request: pb.ClassifyRequest,
-        context: aio.ServicerContext,
-        window: asyncio.Semaphore,
-        write_lock: asyncio.Lock,
-    ) -> None:
+        async def answer(request: pb.ClassifyRequest, write: Write) -> None:
+            await self._stream_one(request, context, write)
+
+        await serve_stream(request_iterator, context, self._draining, self.window, answer)
+
+    async def _stream_one(self, request: pb.ClassifyRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
         token = logs.request_id.set(self._request_id(request, context))
         try:
@@ -160,13 +123,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                         request_id=request.request_id,
                         error=pb.Error(code=observed.status.value[0], message=message, reason="internal"),
                     )
-                async with write_lock:
-                    try:
-                        await context.write(response)
-                    except aio.BaseError as error:  # the stream ended (cancelled, or aborted) meanwhile
-                        log.debug("response to %r not sent: %r", request.request_id, error)
+                await write(response)
         finally:
-            window.release()  # after the write: responses the client is slow to read count in the window
             logs.request_id.reset(token)
 
     async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:

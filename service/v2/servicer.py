@@ -30,8 +30,8 @@ from service.errors import ServiceError
 from service.grpc.gen.inference import grpc_service_pb2 as pb
 from service.grpc.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc.gen.inference import model_config_pb2 as config_pb
-from service.grpc.servicer import SHUTTING_DOWN, stream_window
 from service.grpc.status import Observed, abandoned, abort, access_log, reject
+from service.grpc.streams import Write, serve_stream, stream_window
 from service.imaging import ImageError
 from service.v2 import protocol
 from service.v2.protocol import InputTensor, OutputRequest, OutputTensor, ProtocolError
@@ -233,68 +233,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> None:
         """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
-        window = asyncio.Semaphore(self.window)
-        write_lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
-        draining = asyncio.ensure_future(self._draining.wait())
-        requests = aiter(request_iterator)
-        shutting_down = False
-        try:
-            while True:
-                await window.acquire()
-                incoming = asyncio.ensure_future(anext(requests))
-                await asyncio.wait({incoming, draining}, return_when=asyncio.FIRST_COMPLETED)
-                if not incoming.done():  # draining: stop reading, finish what was accepted
-                    incoming.cancel()
-                    shutting_down = True
-                    break
-                try:
-                    request = incoming.result()
-                except StopAsyncIteration:
-                    break
-                task = asyncio.ensure_future(self._stream_one(request, context, window, write_lock))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(tasks)
-        finally:
-            draining.cancel()
-            for task in tasks:  # the stream was cancelled (client gone, deadline): so is its queued work
-                task.cancel()
-        if shutting_down:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
 
-    async def _stream_one(
-        self,
-        request: pb.ModelInferRequest,
-        context: aio.ServicerContext,
-        window: asyncio.Semaphore,
-        write_lock: asyncio.Lock,
-    ) -> None:
+        async def answer(request: pb.ModelInferRequest, write: Write) -> None:
+            await self._stream_one(request, context, write)
+
+        await serve_stream(request_iterator, context, self._draining, self.window, answer)
+
+    async def _stream_one(self, request: pb.ModelInferRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
-        try:
-            with V2Observed(STREAM_METHOD, context) as observed:
-                try:
-                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, True))
-                except (ServiceError, ImageError) as error:
-                    observed.status = status_of(error)
-                    response = pb.ModelStreamInferResponse(
-                        error_message=error.message, infer_response=pb.ModelInferResponse(id=request.id)
-                    )
-                except asyncio.CancelledError:
-                    observed.status = abandoned(context)
-                    raise
-                except Exception as error:
-                    log.exception("unhandled error")
-                    observed.status = grpc.StatusCode.INTERNAL
-                    response = pb.ModelStreamInferResponse(
-                        error_message=f"internal error: {type(error).__name__}",
-                        infer_response=pb.ModelInferResponse(id=request.id),
-                    )
-                async with write_lock:
-                    try:
-                        await context.write(response)
-                    except aio.BaseError as error:  # the stream ended (cancelled, or aborted) meanwhile
-                        log.debug("response to %r not sent: %r", request.id, error)
-        finally:
-            window.release()  # after the write: responses the client is slow to read count in the window
+        with V2Observed(STREAM_METHOD, context) as observed:
+            try:
+                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, True))
+            except (ServiceError, ImageError) as error:
+                observed.status = status_of(error)
+                response = pb.ModelStreamInferResponse(
+                    error_message=error.message, infer_response=pb.ModelInferResponse(id=request.id)
+                )
+            except asyncio.CancelledError:
+                observed.status = abandoned(context)
+                raise
+            except Exception as error:
+                log.exception("unhandled error")
+                observed.status = grpc.StatusCode.INTERNAL
+                response = pb.ModelStreamInferResponse(
+                    error_message=f"internal error: {type(error).__name__}",
+                    infer_response=pb.ModelInferResponse(id=request.id),
+                )
+            await write(response)
