@@ -18,7 +18,7 @@ from service.errors import NotReady, ServiceError
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc.status import Observed, abandoned, abort, reject
-from service.grpc.streams import Write, serve_stream, stream_window
+from service.grpc.streams import Write, respond, serve_stream, stream_window
 from service.imaging import ImageError
 
 log = logging.getLogger(__name__)
@@ -101,29 +101,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _stream_one(self, request: pb.ClassifyRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
         token = logs.request_id.set(self._request_id(request, context))
+
+        async def compute() -> pb.ClassifyResponse:
+            return await self._classify(request, min(self._deadline(context), self.service.deadline(None)))
+
+        def failed(status: grpc.StatusCode, message: str, reason: str) -> pb.ClassifyResponse:
+            error = pb.Error(code=status.value[0], message=message, reason=reason)
+            return pb.ClassifyResponse(request_id=request.request_id, error=error)
+
         try:
             with Observed(STREAM_METHOD, context) as observed:
-                try:
-                    deadline = min(self._deadline(context), self.service.deadline(None))
-                    response = await self._classify(request, deadline)
-                except (ServiceError, ImageError) as error:
-                    observed.status = reject(error)
-                    response = pb.ClassifyResponse(
-                        request_id=request.request_id,
-                        error=pb.Error(code=observed.status.value[0], message=error.message, reason=error.code),
-                    )
-                except asyncio.CancelledError:
-                    observed.status = abandoned(context)
-                    raise
-                except Exception as error:
-                    log.exception("unhandled error")
-                    observed.status = grpc.StatusCode.INTERNAL
-                    message = f"internal error: {type(error).__name__}"
-                    response = pb.ClassifyResponse(
-                        request_id=request.request_id,
-                        error=pb.Error(code=observed.status.value[0], message=message, reason="internal"),
-                    )
-                await write(response)
+                await respond(observed, context, compute, reject, failed, write)
         finally:
             logs.request_id.reset(token)
 

@@ -15,13 +15,16 @@ from typing import TypeVar
 import grpc
 from grpc import aio
 
-from service.grpc.status import abort
+from service.errors import ServiceError
+from service.grpc.status import Observed, abandoned, abort
+from service.imaging import ImageError
 
 log = logging.getLogger(__name__)
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Write = Callable[[Response], Awaitable[None]]
+Failed = Callable[[grpc.StatusCode, str, str], Response]  # (status, message, machine code) -> error response
 
 
 def stream_window(max_batch_size: int) -> int:
@@ -84,3 +87,27 @@ async def serve_stream(
             task.cancel()
     if shutting_down:
         await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
+
+
+async def respond(
+    observed: Observed,
+    context: aio.ServicerContext,
+    compute: Callable[[], Awaitable[Response]],
+    status_of: Callable[[ServiceError | ImageError], grpc.StatusCode],
+    failed: Failed,
+    write: Write,
+) -> None:
+    """One request of a stream: its response, or an error response for it alone (the stream goes on)."""
+    try:
+        response = await compute()
+    except (ServiceError, ImageError) as error:
+        observed.status = status_of(error)
+        response = failed(observed.status, error.message, error.code)
+    except asyncio.CancelledError:
+        observed.status = abandoned(context)
+        raise
+    except Exception as error:
+        log.exception("unhandled error")
+        observed.status = grpc.StatusCode.INTERNAL
+        response = failed(observed.status, f"internal error: {type(error).__name__}", "internal")
+    await write(response)

@@ -31,7 +31,7 @@ from service.grpc.gen.inference import grpc_service_pb2 as pb
 from service.grpc.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc.gen.inference import model_config_pb2 as config_pb
 from service.grpc.status import Observed, abandoned, abort, access_log, reject
-from service.grpc.streams import Write, serve_stream, stream_window
+from service.grpc.streams import Write, respond, serve_stream, stream_window
 from service.imaging import ImageError
 from service.v2 import protocol
 from service.v2.protocol import InputTensor, OutputRequest, OutputTensor, ProtocolError
@@ -241,22 +241,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request: pb.ModelInferRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
+
+        async def compute() -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, True))
+
+        def failed(status: grpc.StatusCode, message: str, reason: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+            )
+
         with V2Observed(STREAM_METHOD, context) as observed:
-            try:
-                response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, context, True))
-            except (ServiceError, ImageError) as error:
-                observed.status = status_of(error)
-                response = pb.ModelStreamInferResponse(
-                    error_message=error.message, infer_response=pb.ModelInferResponse(id=request.id)
-                )
-            except asyncio.CancelledError:
-                observed.status = abandoned(context)
-                raise
-            except Exception as error:
-                log.exception("unhandled error")
-                observed.status = grpc.StatusCode.INTERNAL
-                response = pb.ModelStreamInferResponse(
-                    error_message=f"internal error: {type(error).__name__}",
-                    infer_response=pb.ModelInferResponse(id=request.id),
-                )
-            await write(response)
+            await respond(observed, context, compute, status_of, failed, write)
