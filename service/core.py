@@ -20,7 +20,8 @@ from service.batching import Batcher
 from service.batching.batcher import Hook, model_thread
 from service.errors import BadRequest, Draining, NotReady, PayloadTooLarge, QueueFull
 from service.imaging import ImageError, load_image_pixels
-from service.runtime import ModelRuntime, Prediction, top_k
+from service.results import ImageResult
+from service.runtime import ModelRuntime, top_k
 from service.settings import Settings
 from service.threads import named_pool
 
@@ -38,12 +39,6 @@ class Phase(enum.Enum):
 class Upload:
     filename: str
     data: bytes
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    filename: str
-    predictions: list[Prediction]
 
 
 class Service:
@@ -174,4 +169,4 @@ class Service:
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["ImageError", "ImageResult", "Phase", "Service", "Upload"]
+__all__ = ["ImageError", "Phase", "Service", "Upload"]

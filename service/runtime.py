@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from model.fuse import fuse
 from model.labels import imagenet_classes
 from model.loader import load_weights
 from service import metrics
+from service.results import Prediction
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"LEVIT_DEVICE={name} but no CUDA device is available")
     return device
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int
-    label: str
-    wnid: str
-    score: float
 
 
 class ModelRuntime:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.client.api import Classification, ClientError, ImageFile, ImageResult, Prediction, read_images
+from service.client.api import ClientError, ImageFile, read_images
 from service.client.http_client import HttpClient
+from service.results import Classification, ImageResult, Prediction
 
 if TYPE_CHECKING:
     from service.client.grpc_client import ClassifyStream, GrpcClient

@@ -1,52 +1,12 @@
-"""What both clients return and raise: the HTTP API's shapes, whichever protocol carried them."""
+"""What both clients take and raise; what they return is `service.results`, whichever protocol carried it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # (filename, encoded bytes), the filename being what results and error messages name.
 ImageFile = tuple[str, bytes]
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int
-    label: str
-    wnid: str
-    score: float
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    filename: str
-    predictions: list[Prediction]
-
-
-@dataclass(frozen=True)
-class Classification:
-    model: str
-    weights: str  # starts with "random" when the server has no pretrained weights
-    results: list[ImageResult]
-    request_id: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        """The HTTP API's `POST /classify` body."""
-        return {
-            "model": {"name": self.model, "weights": self.weights},
-            "results": [
-                {"filename": r.filename, "predictions": [p.__dict__ for p in r.predictions]} for r in self.results
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any], request_id: str = "") -> Classification:
-        results = [
-            ImageResult(r["filename"], [Prediction(**p) for p in r["predictions"]]) for r in body.get("results", [])
-        ]
-        return cls(body["model"]["name"], body["model"]["weights"], results, request_id)
 
 
 class ClientError(Exception):

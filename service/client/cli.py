@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any
 
-from service.client.api import Classification, ClientError, read_images
+from service.client.api import ClientError, read_images
+from service.results import Classification
 
 DEFAULT_HTTP = "http://localhost:8000"
 PROG = "levit-client"

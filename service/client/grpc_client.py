@@ -20,9 +20,10 @@ import grpc
 from google.protobuf import json_format
 from grpc import aio
 
-from service.client.api import Classification, ClientError, ImageFile, ImageResult, Prediction
+from service.client.api import ClientError, ImageFile
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
+from service.results import Classification, ImageResult, Prediction
 
 ERROR_CODE_KEY = "levit-error-code"  # trailing metadata set by the server: the HTTP API's error.code
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 
-from service.client.api import Classification, ClientError, ImageFile
+from service.client.api import ClientError, ImageFile
+from service.results import Classification
 
 IMAGE_FIELD = "img"
 _SLACK_S = 5.0  # the server answers 504 at the deadline; the socket timeout only catches a dead server

@@ -13,13 +13,14 @@ from google.protobuf import json_format
 from grpc import aio
 
 from service import logs
-from service.core import ImageResult, Service, Upload
+from service.core import Service, Upload
 from service.errors import NotReady, ServiceError
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc.status import Observed, abandoned, abort, reject
 from service.grpc.streams import Write, respond, serve_stream, stream_window
 from service.imaging import ImageError
+from service.results import ImageResult
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "levit.v1.Classifier"
@@ -92,11 +93,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: aio.ServicerContext
     ) -> None:
         """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
-
-        async def answer(request: pb.ClassifyRequest, write: Write) -> None:
-            await self._stream_one(request, context, write)
-
-        await serve_stream(request_iterator, context, self._draining, self.window, answer)
+        await serve_stream(request_iterator, context, self._draining, self.window, self._stream_one)
 
     async def _stream_one(self, request: pb.ClassifyRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""

@@ -38,9 +38,9 @@ async def serve_stream(
     context: aio.ServicerContext,
     draining: asyncio.Event,
     window_size: int,
-    answer: Callable[[Request, Write], Awaitable[None]],
+    answer: Callable[[Request, aio.ServicerContext, Write], Awaitable[None]],
 ) -> None:
-    """`answer(request, write)` computes one response and sends it through `write` (serialised, and a
+    """`answer(request, context, write)` computes one response and sends it through `write` (serialised, and a
     no-op once the stream has ended); the request leaves the window only after its response is written,
     so responses the client is slow to read still count."""
     window = asyncio.Semaphore(window_size)
@@ -56,7 +56,7 @@ async def serve_stream(
 
     async def one(request: Request) -> None:
         try:
-            await answer(request, write)
+            await answer(request, context, write)
         finally:
             window.release()
 

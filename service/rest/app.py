@@ -23,6 +23,7 @@ from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, PayloadTooLa
 from service.imaging import ImageError
 from service.rest.middleware import RequestContext
 from service.rest.schemas import ClassifyOut, ErrorOut, Health
+from service.results import Classification
 from service.v2.rest import create_router as v2_router
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,7 @@ def create_app(service: Service) -> ASGIApp:
         results = work.result()
         weights = service.runtime.weights.id if service.runtime else "unknown"
         # Built as plain JSON: ClassifyOut documents this shape, validating it again per request costs ~10%.
-        body = {
-            "model": {"name": settings.model, "weights": weights},
-            "results": [{"filename": r.filename, "predictions": [p.__dict__ for p in r.predictions]} for r in results],
-        }
-        return JSONResponse(body)
+        return JSONResponse(Classification(settings.model, weights, results).to_json())
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

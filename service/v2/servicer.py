@@ -233,11 +233,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> None:
         """Reads while fewer than `window` requests are in progress; answers each as soon as it is done."""
-
-        async def answer(request: pb.ModelInferRequest, write: Write) -> None:
-            await self._stream_one(request, context, write)
-
-        await serve_stream(request_iterator, context, self._draining, self.window, answer)
+        await serve_stream(request_iterator, context, self._draining, self.window, self._stream_one)
 
     async def _stream_one(self, request: pb.ModelInferRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
