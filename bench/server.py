@@ -98,6 +98,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def cpu_of(stat: Path) -> float:
+    """User + system CPU seconds from a /proc `stat` file (a process's or one thread's)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class ServerProcess:
     env: dict[str, str]
@@ -163,8 +169,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the whole server process (all threads) so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_of(Path(f"/proc/{self.pid}/stat"))
 
     def thread_cpu(self) -> dict[str, float]:
         """CPU seconds so far by OS thread name (service/threads.py names the pools; OpenMP workers
@@ -173,8 +178,7 @@ class ServerProcess:
         for task in Path(f"/proc/{self.pid}/task").iterdir():
             with contextlib.suppress(OSError):  # a thread may exit between listing and reading
                 name = (task / "comm").read_text().strip().rstrip("0123456789").rstrip("_")
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                out[name] = out.get(name, 0.0) + cpu_of(task / "stat")
         return out
 
     def stop(self) -> None:
