@@ -1,6 +1,6 @@
 """How far the JPEG draft (DCT-downscaled) decode moves the model input, and what it saves.
 
-For every shared photo, as shipped and blown up to a 12-megapixel phone-sized JPEG, compare the
+For every test photo (tests/data/images), as shipped and blown up to a 12-megapixel phone-sized JPEG, compare the
 preprocessed tensors of the fast path (`exact=False`) and the full decode (`exact=True`):
 max and mean absolute difference in normalised units and in 8-bit pixel levels, plus the median
 decode+preprocess time of each path. The mosaic row tiles the photos at native resolution, so it
@@ -25,7 +25,7 @@ from PIL import Image
 from model.transforms import IMAGENET_STD
 from service.imaging import decode_image, load_image_tensor
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"
 PHONE_SIZE = (4032, 3024)
 MAX_PIXELS = 50_000_000
 # One normalised unit is std * 255 pixel levels in each channel.

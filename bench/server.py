@@ -8,7 +8,7 @@ Starts `python -m service` as a subprocess (random weights, free ports, the defa
 `--engine`), waits for /readyz (a first compile warm-up takes minutes; Inductor caches on disk), then
 per round: times the engine in this process while the server is idle (batch 1 and larger batch sizes
 up to the server's max batch size), and drives the server with closed-loop clients (bench.loadgen) on
-two payload sets: the shared photos (../shared/data/images, round-robin) and a generated 12-megapixel
+two payload sets: the test photos (tests/data/images, round-robin) and a generated 12-megapixel
 JPEG (a photo upscaled to 4000x3000, quality 90). Every request carries one image.
 
 Floors (HTTP, shared photos): at concurrency 32 the server delivers >= 75% of the model-only
@@ -44,7 +44,7 @@ from bench.loadgen import DRIVERS, LevelResult, Payload, grpc_available, run_lev
 from bench.timing import Foreign, all_cores, load_average, median, own_cpu_seconds, wait_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "images"
+DEFAULT_IMAGES = ROOT / "tests" / "data" / "images"
 BIG_SIZE = (4000, 3000)
 THROUGHPUT_FLOOR = 0.75  # of the model-only best-batch images/s, at the highest concurrency
 LATENCY_SLACK_MS = 3.0  # over the model's batch-1 latency, median at concurrency 1

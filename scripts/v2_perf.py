@@ -1,7 +1,7 @@
 """`make test-v2-perf`: Triton's perf_analyzer against a real levit-serve over the Open Inference Protocol.
 
     python scripts/v2_perf.py [--engine trace] [--concurrency 1:4] [--requests 30] [--batch 1]
-                              [--protocols http,grpc] [--image ../shared/data/images/cat.jpg]
+                              [--protocols http,grpc] [--image tests/data/images/cat.jpg]
                               [--perf-analyzer .tools/bin/perf_analyzer]
 
 Starts `python -m service` (random weights, free loopback ports, LEVIT_MAX_BATCH_SIZE 16 unless set), waits
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_ANALYZER = ROOT / ".tools" / "bin" / "perf_analyzer"
-DEFAULT_IMAGE = ROOT.parent / "shared" / "data" / "images" / "cat.jpg"
+DEFAULT_IMAGE = ROOT / "tests" / "data" / "images" / "cat.jpg"
 MODEL = "levit"
 
 

@@ -18,7 +18,11 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 # Building and running the image needs a container engine: opt-in through `make test-container`.
 collect_ignore = [] if os.environ.get("DEPLOY_CONTAINER_TEST") == "1" else ["test_deploy_container.py"]
-PHOTOS = ROOT.parent / "shared" / "data" / "images"
+PHOTOS = ROOT / "tests" / "data" / "images"
+PHOTO_NAMES = ("astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg")
+_missing = [name for name in PHOTO_NAMES if not (PHOTOS / name).is_file()]
+if _missing:  # a test without its data must fail, never pass on an empty loop
+    raise FileNotFoundError(f"test photos missing from {PHOTOS}: {', '.join(_missing)}")
 
 
 def photo(name: str) -> bytes:

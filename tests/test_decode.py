@@ -8,7 +8,6 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +26,8 @@ from service.imaging import (
     to_rgb,
 )
 from service.imaging.decode import _check_size
+from tests.conftest import PHOTOS
 
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 LIMIT = 50_000_000
 
 
@@ -428,8 +427,6 @@ def test_error_carries_what_the_transport_layers_need() -> None:
 @pytest.fixture(scope="module")
 def phone_jpeg() -> bytes:
     """A 12-megapixel JPEG made from a real photo (bicubic upscale), like a phone upload."""
-    if not (PHOTOS / "cat.jpg").exists():
-        pytest.skip(f"shared photos not found in {PHOTOS}")
     return encode(
         Image.open(PHOTOS / "cat.jpg").convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC), "JPEG", quality=90
     )
