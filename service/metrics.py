@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # 0.5 ms .. 60 s: fine enough for millisecond latencies, wide enough for overload.
 LATENCY_BUCKETS = (
@@ -43,3 +43,13 @@ IMAGES_DROPPED = Counter(
 )
 for _reason in ("cancelled", "deadline"):
     IMAGES_DROPPED.labels(_reason)
+
+
+def registry() -> CollectorRegistry:
+    """The registry to read for the whole service: every reader (`/metrics`, summaries) goes through here."""
+    return REGISTRY
+
+
+def exposition() -> bytes:
+    """`/metrics` body in the Prometheus text format."""
+    return generate_latest(registry())
