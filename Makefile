@@ -61,7 +61,7 @@ test-v2-perf: $(STAMP)
 	$(BIN)/python scripts/v2_perf.py
 
 deploy-check: $(STAMP) deploy-tools
-	$(BIN)/python -m pytest -q tests/test_deploy_static.py
+	$(BIN)/python -m pytest -q tests/deploy
 
 image:
 	$(ENGINE) build -f docker/Dockerfile -t $(IMAGE):$(VERSION) .
@@ -79,7 +79,7 @@ test-container: $(STAMP)
 	DEPLOY_CONTAINER_TEST=1 $(BIN)/python -m pytest -q tests/test_deploy_container.py
 
 chart-schema: $(STAMP)
-	$(BIN)/python -m tests.test_deploy_static
+	$(BIN)/python scripts/chart_schema.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

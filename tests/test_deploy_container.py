@@ -1,7 +1,7 @@
 """Build docker/Dockerfile and run it the hardened way, then talk to it over HTTP and gRPC.
 
 Opt-in (needs a container engine and a few minutes): DEPLOY_CONTAINER_TEST=1, e.g. `make test-container`.
-Without it the module is skipped as a whole; the static checks live in test_deploy_static.py.
+Without it the module is skipped as a whole; the static checks live in tests/deploy/.
 
 Environment:
   CONTAINER_ENGINE      podman | docker (default: the first whose `info` works)
@@ -27,7 +27,7 @@ import uuid
 
 import pytest
 
-from tests.test_deploy_static import METRICS, ROOT
+from tests.deploy.support import METRICS, ROOT
 
 
 def _engine() -> str:
@@ -141,7 +141,7 @@ def test_classify_and_metrics(container):
     text = urllib.request.urlopen(container["http"] + "/metrics", timeout=10).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name, (kind, labels) in METRICS.items():
-        family = families.get(name.removesuffix("_total") if kind == "counter" else name)
+        family = families.get(name)
         assert family is not None and family.type == kind, f"{name}: {family and family.type}"
         seen = {k for s in family.samples for k in s.labels} - {"le"}
         assert seen <= labels, f"{name} has labels {seen}, contract {set(labels)}"
