@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +15,6 @@ from service.server import Server
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-# Building and running the image needs a container engine: opt-in through `make test-container`.
-collect_ignore = [] if os.environ.get("DEPLOY_CONTAINER_TEST") == "1" else ["test_deploy_container.py"]
 PHOTOS = ROOT / "tests" / "data" / "images"
 PHOTO_NAMES = ("astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg")
 _missing = [name for name in PHOTO_NAMES if not (PHOTOS / name).is_file()]
