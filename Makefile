@@ -23,7 +23,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m service
 
-test: $(STAMP)
+# Debian's chromium and playwright (in .venv) for the page's browser tests, tests/test_page.py
+.PHONY: browser-tools
+browser-tools: $(STAMP)
+	bash scripts/browser_tools.sh
+
+test: $(STAMP) browser-tools
 	$(BIN)/python -m pytest -q
 
 test-stress: $(STAMP)

@@ -21,13 +21,16 @@ from service import metrics
 from service.core import Service, Upload
 from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, PayloadTooLarge, ServiceError
 from service.imaging import ImageError
+from service.rest import page
 from service.rest.middleware import RequestContext
 from service.rest.schemas import ClassifyOut, ErrorOut, Health
 from service.results import Classification
 from service.v2.rest import create_router as v2_router
 
 log = logging.getLogger(__name__)
-ROUTES = frozenset({"/classify", "/healthz", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json"})
+ROUTES = frozenset(
+    {"/classify", "/healthz", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json", *page.ROUTES}
+)
 IMAGE_FIELD = "img"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -195,6 +198,7 @@ def create_app(service: Service) -> ASGIApp:
         return service.runtime.describe()
 
     app.include_router(v2_router(service))  # /v2: the Open Inference Protocol (docs/v2.md)
+    app.include_router(page.create_router())  # `/`: the page, and /v1/stats for its live view (docs/page.md)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
