@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import httpx
 
@@ -55,3 +57,18 @@ class ServerProcess:
             return self.proc.wait(timeout=60)
         finally:
             self.proc.kill()
+
+
+@contextlib.contextmanager
+def running(**env: str) -> Iterator[ServerProcess]:
+    """A server for the block. If the block fails, its failure is the one reported (the server is still
+    stopped); if it passed, SIGTERM must then end the process with status 0."""
+    server = ServerProcess(**env)
+    try:
+        yield server
+    except BaseException:
+        with contextlib.suppress(Exception):
+            server.stop()
+        raise
+    status = server.stop()
+    assert status == 0, f"server exited {status} after SIGTERM; its log:\n{server.logs()[-4000:]}"

@@ -11,7 +11,7 @@ import pytest
 from service.client import ClientError, GrpcClient
 from tests.conftest import photo, wait_until
 from tests.corpus import cases
-from tests.stress.procs import ServerProcess
+from tests.stress.procs import running
 
 pytestmark = pytest.mark.stress
 TOTAL = 10_000
@@ -81,8 +81,7 @@ async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
 
 
 def test_soak_keeps_memory_fds_and_threads_flat() -> None:
-    server = ServerProcess(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8")
-    try:
+    with running(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8") as server:
         target = f"127.0.0.1:{server.grpc_port}"
         asyncio.run(drive_both(server.url, target, 400))  # warm-up: pools, caches and allocator arenas settle
         fds, threads = server.fds(), server.threads()
@@ -95,5 +94,3 @@ def test_soak_keeps_memory_fds_and_threads_flat() -> None:
         print(f"soak: http {http}, grpc {grpc}, rss {rss:.0f} MiB -> +{growth:.1f} MiB, fds {fds}, threads {threads}")
         assert growth <= 50
         assert server.threads() == threads
-    finally:
-        assert server.stop() == 0
