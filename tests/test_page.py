@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.rest.page import snapshot
 from tests.conftest import PHOTOS, ROOT, Gate, ServerThread, photo, wait_until
 from tests.helpers import metric, scrape
 
@@ -238,6 +240,29 @@ def test_stats_snapshot_counts_what_the_server_did(server: ServerThread) -> None
     assert "/v1/stats" in httpx.get(server.url + "/openapi.json").json()["paths"]
     samples = scrape(server.url)
     assert metric(samples, "levit_request_duration_seconds_count", route="/v1/stats") >= 2  # its own route label
+
+
+def test_stats_snapshot_sums_labels_and_keeps_answered_classifications_only() -> None:
+    registry = CollectorRegistry()
+    latency = Histogram(
+        "levit_request_duration_seconds", "", ["protocol", "route", "status"], buckets=(0.01, 0.1), registry=registry
+    )
+    images = Counter("levit_images_classified", "", registry=registry)
+    batch = Histogram("levit_batch_size", "", buckets=(1, 8), registry=registry)
+    depth = Gauge("levit_queue_depth", "", registry=registry)
+    latency.labels("http", "/classify", "200").observe(0.005)
+    latency.labels("grpc", "/levit.v1.Classifier/Classify", "OK").observe(0.05)
+    latency.labels("v2-http", "/v2/models/{name}/infer", "200").observe(0.05)
+    latency.labels("http", "/classify", "415").observe(0.001)  # refused: not in the percentiles
+    latency.labels("http", "/healthz", "200").observe(0.001)  # not a classification
+    images.inc(5)
+    batch.observe(2)
+    batch.observe(3)
+    depth.set(4)
+    snap = snapshot(registry)
+    assert snap["latency_buckets"] == [[0.01, 1], [0.1, 3], [None, 3]]
+    assert snap["images_classified"] == 5 and snap["queue_depth"] == 4
+    assert snap["batches"] == {"count": 2, "sum": 5} and snap["rejections"] == 0
 
 
 def test_live_view_shows_throughput_after_traffic(page: Page, server: ServerThread) -> None:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from service import metrics
 
@@ -53,25 +54,27 @@ _CLASSIFY_ROUTES = ("/classify", "/infer", "/Classify", "/ClassifyStream", "/Mod
 _ANSWERED = frozenset({"200", "OK"})
 
 
-def _families(registry: CollectorRegistry) -> dict[str, Metric]:
-    return {family.name: family for family in registry.collect()}
+def _samples(registry: CollectorRegistry) -> dict[str, list[Sample]]:
+    """Every sample of the registry by sample name (`levit_images_classified_total`, `..._bucket`): the
+    sample names are the exposition's, whatever a collector calls the family (multiprocess ones differ)."""
+    by_name: dict[str, list[Sample]] = defaultdict(list)
+    for family in registry.collect():
+        for sample in family.samples:
+            by_name[sample.name].append(sample)
+    return by_name
 
 
-def _total(family: Metric | None, sample: str) -> float:
-    """Sum of one sample name over every label set (and, under multiprocess, every process)."""
-    if family is None:
-        return 0.0
-    return sum(s.value for s in family.samples if s.name == sample)
+def _total(samples: list[Sample]) -> float:
+    """Sum over every label set (and, under multiprocess, every process)."""
+    return sum(s.value for s in samples)
 
 
-def _latency_buckets(family: Metric | None) -> list[list[float | None]]:
+def _latency_buckets(samples: list[Sample]) -> list[list[float | None]]:
     """Cumulative [upper bound, count] pairs of answered classification requests, summed over labels;
     the +Inf bound is written as null (JSON has no infinity)."""
     counts: dict[float, float] = {}
-    samples: Iterable = family.samples if family is not None else ()
     for s in samples:
-        answered = s.labels.get("status") in _ANSWERED and s.labels.get("route", "").endswith(_CLASSIFY_ROUTES)
-        if answered and s.name.endswith("_bucket"):
+        if s.labels.get("status") in _ANSWERED and s.labels.get("route", "").endswith(_CLASSIFY_ROUTES):
             bound = float(s.labels["le"])
             counts[bound] = counts.get(bound, 0.0) + s.value
     if not counts:  # nothing answered yet: the configured bounds with zero counts keep the shape stable
@@ -81,19 +84,17 @@ def _latency_buckets(family: Metric | None) -> list[list[float | None]]:
 
 def snapshot(registry: CollectorRegistry) -> dict[str, Any]:
     """Cumulative figures as they stand now: the page turns successive snapshots into rates."""
-    families = _families(registry)
-    latency = families.get("levit_request_duration_seconds")
-    batches = families.get("levit_batch_size")
+    samples = _samples(registry)
     return {
         "time": time.time(),
-        "images_classified": _total(families.get("levit_images_classified"), "levit_images_classified_total"),
-        "latency_buckets": _latency_buckets(latency),
+        "images_classified": _total(samples["levit_images_classified_total"]),
+        "latency_buckets": _latency_buckets(samples["levit_request_duration_seconds_bucket"]),
         "batches": {
-            "count": _total(batches, "levit_batch_size_count"),
-            "sum": _total(batches, "levit_batch_size_sum"),
+            "count": _total(samples["levit_batch_size_count"]),
+            "sum": _total(samples["levit_batch_size_sum"]),
         },
-        "queue_depth": _total(families.get("levit_queue_depth"), "levit_queue_depth"),
-        "rejections": _total(families.get("levit_rejections"), "levit_rejections_total"),
+        "queue_depth": _total(samples["levit_queue_depth"]),
+        "rejections": _total(samples["levit_rejections_total"]),
     }
 
 
