@@ -287,6 +287,23 @@ def test_percentiles_interpolate_like_prometheus(page: Page) -> None:
     assert page.evaluate("window.levitPage.quantile(0.5, [[0.01, 0], [null, 0]])") is None  # no requests
 
 
+def test_window_keeps_a_minute_and_restarts_with_the_server(page: Page) -> None:
+    got = page.evaluate(
+        """() => {
+        const snap = (time, images) => ({time, images_classified: images, latency_buckets: [[null, 0]],
+                                         batches: {count: 0, sum: 0}, queue_depth: 0, rejections: 0});
+        const { remember, between } = window.levitPage;
+        const history = [];
+        for (let t = 0; t <= 90; t += 1) remember(history, snap(1000 + t, 2 * t));
+        const kept = [history[0].time, history[history.length - 1].time];
+        const rate = between(history[0], history[history.length - 1]).throughput;
+        remember(history, snap(1091, 3));  // a counter went backwards: a restarted server
+        return { kept, rate, afterRestart: history.length };
+    }"""
+    )
+    assert got == {"kept": [1030, 1090], "rate": 2, "afterRestart": 1}
+
+
 def test_keyboard_and_labels(page: Page) -> None:
     controls = page.locator("input, button, select, textarea")
     for i in range(controls.count()):  # every control has an accessible name
