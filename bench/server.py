@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT / "tests" / "data" / "images"
 BIG_SIZE = (4000, 3000)
 THROUGHPUT_FLOOR = 0.75  # of the model-only best-batch images/s, at the highest concurrency
+SERIAL_FLOOR = 1.1  # x the in-process serial pipeline's images/s, HTTP photos at the highest concurrency
 LATENCY_SLACK_MS = 3.0  # over the model's batch-1 latency, median at concurrency 1
 READY_TIMEOUT_S = 1800.0
 NOISY_CORES = 0.3  # a level during which other processes used more CPU than this is run again
@@ -167,18 +168,37 @@ class ServerProcess:
                 out[name] = float(value)
         return out
 
+    def pids(self) -> list[int]:
+        """The server and its live descendants (the supervisor's front-end and model processes)."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        tree, frontier = [self.pid], [self.pid]
+        while frontier:
+            frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+            tree += frontier
+        return tree
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the whole server process (all threads) so far."""
-        return cpu_of(Path(f"/proc/{self.pid}/stat"))
+        """User + system CPU of every live server process (all threads) so far."""
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # a process may exit between listing and reading
+                total += cpu_of(Path(f"/proc/{pid}/stat"))
+        return total
 
     def thread_cpu(self) -> dict[str, float]:
         """CPU seconds so far by OS thread name (service/threads.py names the pools; OpenMP workers
         inherit `levit-model`, the event loop is the main thread), numbered pool threads summed."""
         out: dict[str, float] = {}
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread may exit between listing and reading
-                name = (task / "comm").read_text().strip().rstrip("0123456789").rstrip("_")
-                out[name] = out.get(name, 0.0) + cpu_of(task / "stat")
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError):  # a thread may exit between listing and reading
+                        name = (task / "comm").read_text().strip().rstrip("0123456789").rstrip("_-")
+                        out[name] = out.get(name, 0.0) + cpu_of(task / "stat")
         return out
 
     def stop(self) -> None:
@@ -245,6 +265,31 @@ class ModelOnly:
         return means, medians
 
 
+def serial_pipeline(model: ModelOnly, payloads: list[Payload], batch: int, min_time: float) -> float:
+    """Images/s of the best a single thread of control can do: decode (same draft rule) and crop `batch`
+    photos round-robin, normalise, forward at `batch`, softmax; again. No overlap of decoding and inference:
+    the server must beat this by overlapping them (and batching across clients)."""
+    from model.transforms import batch_input
+    from service.imaging import load_image_pixels
+
+    torch = model.torch
+    torch.set_num_threads(model.threads)
+    wait_quiet(timeout=QUIET_TIMEOUT_S)
+    images, start, index = 0, time.perf_counter(), 0
+    with torch.inference_mode():
+        while True:
+            crops = []
+            for _ in range(batch):
+                p = payloads[index % len(payloads)]
+                crops.append(load_image_pixels(p.data, filename=p.filename, max_pixels=50_000_000))
+                index += 1
+            model.engine(batch_input(crops)).softmax(dim=-1)
+            images += batch
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time and images >= 4 * batch:
+                return images / elapsed
+
+
 def decode_ms(payloads: list[Payload], min_time: float) -> float:
     """Mean over payloads of the fast-quantile decode + preprocess time on one thread (the server's path)."""
     import torch
@@ -307,6 +352,7 @@ def server_stats(before: dict[str, float], after: dict[str, float], cpu: float, 
 class Round:
     model: dict[int, float]  # batch -> mean seconds per call
     model_median: dict[int, float]  # batch -> median seconds per call
+    serial: float = float("nan")  # images/s of the in-process serial pipeline on the photos
     levels: list[LevelResult] = field(default_factory=list)
     server: dict[tuple[str, str, int], ServerStats] = field(default_factory=dict)
 
@@ -440,6 +486,16 @@ def floors(rounds: list[Round], protocols: list[str], concurrency: list[int]) ->
         level = r.level("http", "photos", one)
         if level is not None:
             slacks.append(level.percentile_ms(50) - 1000 * r.model_median[1])
+    serials = [x.images_per_s / r.serial for r in rounds if (x := r.level("http", "photos", top)) is not None]
+    if serials:
+        ratio = median(serials)
+        passed = ratio >= SERIAL_FLOOR
+        ok &= passed
+        print(
+            f"{'PASS' if passed else 'FAIL'}: HTTP photos at c={top} delivers {ratio:.2f}x the in-process serial "
+            f"pipeline (floor {SERIAL_FLOOR:.1f}x; per round {', '.join(f'{v:.2f}x' for v in serials)}; serial "
+            f"{median([r.serial for r in rounds]):.1f} img/s)"
+        )
     if shares:
         share = median(shares)
         passed = share >= THROUGHPUT_FLOOR
@@ -483,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--env", action="append", default=[], help="extra LEVIT_X=value for the server")
     parser.add_argument(
+        "--configs",
+        default="default",
+        help="server configurations measured side by side in each round: 'NAME[:LEVIT_X=v,LEVIT_Y=w];...'; "
+        "floors are judged on the first",
+    )
+    parser.add_argument(
         "--switch-interval", type=float, default=None, help="run the server with sys.setswitchinterval(S)"
     )
     parser.add_argument("--prelude", default="", help="Python code the server process runs before starting")
@@ -520,36 +582,84 @@ def main(argv: list[str] | None = None) -> int:
     prelude = args.prelude
     if args.switch_interval:
         prelude = f"import sys\nsys.setswitchinterval({args.switch_interval!r})\n{prelude}"
-    server = ServerProcess(env, prelude=prelude)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` below: stop the server
-    server.start()
+    configs = parse_configs(args.configs)
+    servers = {name: ServerProcess({**env, **extra}, prelude=prelude) for name, extra in configs.items()}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` below: stop the servers
+    rounds_by: dict[str, list[Round]] = {name: [] for name in configs}
     try:
-        print(f"server pid {server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)
-        print(f"ready after {server.wait_ready():.1f}s", flush=True)
+        for name, server in servers.items():  # one at a time: compiling warm-ups would fight for the cores
+            server.start()
+            print(f"server {name} ({' '.join(f'{k}={v}' for k, v in configs[name].items()) or 'defaults'}): pid "
+                  f"{server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)  # fmt: skip
+            print(f"ready after {server.wait_ready():.1f}s; {server_topology(server)}", flush=True)
         model = ModelOnly(args.model, args.engine or "auto", args.max_batch_size, threads)
         print(f"model-only engine: {model.engine.kind}, batch sizes {model.batches}", flush=True)
         decode = {name: decode_ms(payloads, 0.5 if args.quick else 1.0) for name, payloads in sets.items()}
         print("decode + preprocess, 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in decode.items()), flush=True)
         record = py_spy_recorder(args.py_spy, server.pid, seconds + args.warmup, args.py_spy_args.split())
-        rounds: list[Round] = []
         runner = asyncio.Runner(loop_factory=_loop_factory())
         for index in range(rounds_n):
-            round_ = Round(*model.measure(min_time=1.0 if not args.quick else 0.5))
+            means, medians = model.measure(min_time=1.0 if not args.quick else 0.5)
+            probe = Round(means, medians)
+            serial = serial_pipeline(model, sets.get("photos") or next(iter(sets.values())), probe.best_batch, 2.0)
             print(
                 f"round {index + 1}/{rounds_n}: model only "
                 + ", ".join(
-                    f"b={b} {round_.model_ips(b):.1f} img/s (mean {1000 * s:.1f} ms, "
-                    f"median {1000 * round_.model_median[b]:.1f} ms)"
-                    for b, s in round_.model.items()
+                    f"b={b} {probe.model_ips(b):.1f} img/s (mean {1000 * s:.1f} ms, "
+                    f"median {1000 * probe.model_median[b]:.1f} ms)"
+                    for b, s in probe.model.items()
                 )
-                + f"; load average {load_average()}",
+                + f"; serial pipeline (decode + b={probe.best_batch} forward, one thread of control) "
+                f"{serial:.1f} img/s; load average {load_average()}",
                 flush=True,
             )
-            runner.run(drive(server, sets, protocols, concurrency, args.warmup, seconds, round_, record))
-            rounds.append(round_)
+            for name, server in servers.items():
+                round_ = Round(means, medians, serial)
+                print(f" server {name}:", flush=True)
+                runner.run(drive(server, sets, protocols, concurrency, args.warmup, seconds, round_, record))
+                rounds_by[name].append(round_)
         runner.close()
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+    passed = True
+    for index, (name, rounds) in enumerate(rounds_by.items()):
+        print(f"\n## server {name}: {' '.join(f'{k}={v}' for k, v in configs[name].items()) or 'defaults'}")
+        passed &= report(rounds, model, threads, decode, list(sets), protocols, concurrency) or index > 0
+    print(f"load average at the end {load_average()}")
+    return 0 if passed else 1
+
+
+def parse_configs(text: str) -> dict[str, dict[str, str]]:
+    """'default;thread:LEVIT_INSTANCE_KIND=thread' -> {'default': {}, 'thread': {...}}."""
+    configs: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, _, pairs = item.partition(":")
+        configs[name] = dict(pair.split("=", 1) for pair in pairs.split(",") if pair)
+    return configs
+
+
+def server_topology(server: ServerProcess) -> str:
+    import json
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v1/model", timeout=10) as response:
+        info = json.loads(response.read())
+    i = info.get("instances", {})
+    return (
+        f"engine {info['engine']}, {i.get('kind')}: {i.get('workers')} front-end(s), "
+        f"{i.get('count')} instance(s) x {i.get('threads')} threads"
+    )
+
+
+def report(
+    rounds: list[Round],
+    model: ModelOnly,
+    threads: int,
+    decode: dict[str, float],
+    sets: list[str],
+    protocols: list[str],
+    concurrency: list[int],
+) -> bool:
     best = median([r.model_ips(r.best_batch) for r in rounds])
     batch1 = median([1000 * r.model_median[1] for r in rounds])
     print(
@@ -557,11 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"b={b} {b / s:.1f} img/s ({1000 * s:.1f} ms mean)" for b, s in model_means(rounds).items())
         + f"; best: {best:.1f} img/s"
     )
-    table(rounds, list(sets), protocols, concurrency)
+    table(rounds, sets, protocols, concurrency)
     budget(rounds, decode, threads, all_cores())
-    passed = floors(rounds, protocols, concurrency)
-    print(f"load average at the end {load_average()}")
-    return 0 if passed else 1
+    return floors(rounds, protocols, concurrency)
 
 
 def model_means(rounds: list[Round]) -> dict[int, float]:

@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"levit-serve: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    if settings.instance_kind == "process":
+        from service.supervisor import serve as supervise
+
+        return supervise(settings)
     from service.server import Server  # heavy imports (torch) after the settings check
 
     async def serve() -> int:

@@ -1,6 +1,8 @@
 """The protocol-independent service: readiness, decoding off the loop, batching, top-k.
 
-HTTP and gRPC handlers are thin translations around `Service.classify`.
+HTTP and gRPC handlers are thin translations around `Service.classify`. The model itself sits behind a
+`ModelBackend`: a thread of this process (`LocalModel`) or model processes fed through shared memory
+(`RemoteModel`); the protocols cannot tell which.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from service import metrics
-from service.batching import Batcher
-from service.batching.batcher import Hook, model_thread
 from service.errors import BadRequest, Draining, NotReady, PayloadTooLarge, QueueFull
 from service.imaging import ImageError, load_image_pixels
 from service.results import ImageResult
-from service.runtime import ModelRuntime, top_k
+from service.runtime import top_k
 from service.settings import Settings
 from service.threads import named_pool
 
@@ -41,17 +42,31 @@ class Upload:
     data: bytes
 
 
+class ModelBackend(Protocol):
+    """Where batches are formed and run; `start` returns the model's description (`GET /v1/model`)."""
+
+    @property
+    def queued(self) -> int: ...
+
+    async def start(self, on_available: Callable[[bool], None]) -> dict[str, Any]: ...
+
+    async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]: ...
+
+    async def drain(self, timeout: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
 class Service:
-    def __init__(self, settings: Settings, before_forward: Hook | None = None) -> None:
+    def __init__(self, settings: Settings, model: ModelBackend, decoders: int | None = None) -> None:
         self.settings = settings
         self._phase = Phase.LOADING
         self._phase_listeners: list[Callable[[Phase], None]] = []
-        self.runtime: ModelRuntime | None = None
-        self.batcher: Batcher | None = None
-        self._before_forward = before_forward
+        self.model = model
+        self.model_info: dict[str, Any] | None = None  # `describe()` of the served model, once loaded
+        self._started = False
         self._inflight = 0  # admitted classify calls; drain waits for them
-        self._model_thread = model_thread()
-        self._decoders = named_pool("levit-decode", os.cpu_count() or 2)
+        self._decoders = named_pool("levit-decode", decoders or os.cpu_count() or 2)
 
     @property
     def phase(self) -> Phase:
@@ -72,21 +87,26 @@ class Service:
     def ready(self) -> bool:
         return self.phase is Phase.READY
 
+    @property
+    def weights_id(self) -> str:
+        return self.model_info["weights"]["id"] if self.model_info else "unknown"
+
     async def start(self) -> None:
-        """Load and warm the model off the loop; the HTTP server answers /healthz meanwhile."""
-        loop = asyncio.get_running_loop()
-        self.runtime = await loop.run_in_executor(self._model_thread, ModelRuntime.warm, self.settings)
-        self.batcher = Batcher(
-            self.runtime.engine,
-            self.settings.max_batch_size,
-            self.settings.max_batch_delay_ms / 1000,
-            self.settings.max_queue,
-            self._model_thread,
-            before_forward=self._before_forward,
-        )
-        self.batcher.start()
-        self.phase = Phase.READY
+        """Load and warm the model (or wait for a model process); the HTTP server answers /healthz meanwhile."""
+        self.model_info = await self.model.start(self._on_available)
+        self._started = True
+        self._on_available(True)
         log.info("ready")
+
+    def _on_available(self, available: bool) -> None:
+        """A model can serve (or none can, while a model process restarts): readiness follows."""
+        if not self._started or self.phase in (Phase.DRAINING, Phase.FAILED):
+            return
+        phase = Phase.READY if available else Phase.LOADING
+        if phase is not self.phase:
+            if not available:
+                log.warning("no model instance can serve: not ready until one is back")
+            self.phase = phase
 
     def deadline(self, timeout_ms: float | None) -> float:
         """Client-provided timeout, capped by nothing but sanity; the default comes from settings."""
@@ -106,19 +126,20 @@ class Service:
         """The cheap admission check, before a request's body is even read: overload is refused in microseconds."""
         self._admit(1)
 
-    def _admit(self, count: int) -> Batcher:
+    def _admit(self, count: int) -> ModelBackend:
         if self.phase is Phase.DRAINING:
             raise Draining("server is shutting down; retry on another replica")
-        if self.phase is not Phase.READY or self.batcher is None:
+        if self.phase is not Phase.READY:
             raise NotReady("model is still loading; retry shortly")
         if count == 0:
             raise BadRequest("no image in the request")
         if count > self.settings.max_images_per_request:
             raise PayloadTooLarge(f"{count} images in one request; the limit is {self.settings.max_images_per_request}")
-        if self.batcher.queued + count > self.settings.max_queue:
+        queued = self.model.queued
+        if queued + count > self.settings.max_queue:
             # Refuse before spending CPU on decoding work that cannot be queued anyway.
-            raise QueueFull(f"queue full ({self.batcher.queued} of {self.settings.max_queue} images waiting)")
-        return self.batcher
+            raise QueueFull(f"queue full ({queued} of {self.settings.max_queue} images waiting)")
+        return self.model
 
     def _decode(self, upload: Upload) -> torch.Tensor:
         start = time.perf_counter()
@@ -156,16 +177,14 @@ class Service:
         deadline = time.monotonic() + timeout
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        finished = self.batcher is None or await self.batcher.drain(max(0.0, deadline - time.monotonic()))
+        finished = await self.model.drain(max(0.0, deadline - time.monotonic()))
         if not finished or self._inflight:
             log.warning("drain timeout (%.1fs) reached with work still in flight", timeout)
             return False
         return True
 
     async def close(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.close()
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        await self.model.close()
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
 

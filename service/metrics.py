@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # 0.5 ms .. 60 s: fine enough for millisecond latencies, wide enough for overload.
 LATENCY_BUCKETS = (
@@ -27,12 +30,18 @@ PREPROCESS = Histogram(
     "Decode + resize + crop time per image (normalisation runs per batch, in the model thread).",
     buckets=LATENCY_BUCKETS,
 )
-QUEUE_DEPTH = Gauge("levit_queue_depth", "Images waiting for the model.")
-INFLIGHT = Gauge("levit_inflight_requests", "Requests being handled.", ["protocol"])
+# Multiprocess modes (used when PROMETHEUS_MULTIPROC_DIR is set, i.e. under service.supervisor): the queue
+# depth is global and set just before each scrape, so the most recent value is the answer; in-flight
+# requests add up over the live front-ends; the model description is the same in every instance.
+QUEUE_DEPTH = Gauge("levit_queue_depth", "Images waiting for the model.", multiprocess_mode="livemostrecent")
+INFLIGHT = Gauge("levit_inflight_requests", "Requests being handled.", ["protocol"], multiprocess_mode="livesum")
 IMAGES_CLASSIFIED = Counter("levit_images_classified", "Images that went through the model.")
 REJECTIONS = Counter("levit_rejections", "Requests or images refused or dropped, by reason.", ["reason"])
 MODEL_INFO = Gauge(
-    "levit_model_info", "The model being served (value is always 1).", ["variant", "weights", "device", "dtype"]
+    "levit_model_info",
+    "The model being served (value is always 1).",
+    ["variant", "weights", "device", "dtype"],
+    multiprocess_mode="max",
 )
 
 REJECTION_REASONS = ("queue_full", "deadline", "bad_input", "too_large", "cancelled", "draining", "model_error")
@@ -45,9 +54,27 @@ for _reason in ("cancelled", "deadline"):
     IMAGES_DROPPED.labels(_reason)
 
 
+_BEFORE_READ: list[Callable[[], None]] = []
+
+
+def before_read(refresh: Callable[[], None]) -> None:
+    """Register a gauge refresher run before every read (the global queue depth, read from the ring)."""
+    _BEFORE_READ.append(refresh)
+
+
 def registry() -> CollectorRegistry:
-    """The registry to read for the whole service: every reader (`/metrics`, summaries) goes through here."""
-    return REGISTRY
+    """The registry to read for the whole service: every reader (`/metrics`, summaries) goes through here.
+
+    Under the supervisor that is the sum over every process, live or dead (counters never go back), read
+    from prometheus-client's multiprocess files; otherwise this process's default registry.
+    """
+    for refresh in _BEFORE_READ:
+        refresh()
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return merged
 
 
 def exposition() -> bytes:

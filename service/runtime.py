@@ -84,6 +84,12 @@ class ModelRuntime:
             "device": str(self.device),
             "dtype": s.dtype,
             "engine": self.engine.kind,
+            "instances": {
+                "kind": s.instance_kind,
+                "count": s.instances or 1,
+                "threads": torch.get_num_threads(),
+                "workers": s.workers or 1,
+            },
             "batching": {
                 "max_batch_size": s.max_batch_size,
                 "max_batch_delay_ms": s.max_batch_delay_ms,

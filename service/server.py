@@ -1,7 +1,11 @@
-"""One process, one event loop: HTTP (uvicorn), gRPC (grpc.aio) and the shared batcher, with an ordered shutdown.
+"""One front-end: one event loop serving HTTP (uvicorn) and gRPC (grpc.aio) over `Service`, with an ordered shutdown.
+
+The same class is the whole server with `LEVIT_INSTANCE_KIND=thread` (the model in a thread of this process),
+and each front-end process under `service.supervisor` otherwise (the model in model processes).
 
 SIGTERM: readiness (HTTP /readyz and gRPC health) fails at once, new work is refused, admitted work finishes
-(bounded by `drain_timeout_s`), then the listeners close and the process exits 0.
+(bounded by `drain_timeout_s`), then the listeners close. Exit status: 0 after a drain that finished every
+admitted request, 3 when the drain timed out with work still in flight, 1 when the model never loaded.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import uvicorn
 from model.checkpoint import CheckpointError
 from model.weights import WeightsError
 from service.batching.batcher import Hook
-from service.core import Phase, Service
+from service.core import ModelBackend, Phase, Service
 from service.grpc.server import GrpcServer
 from service.rest.app import create_app
 from service.settings import Settings
+from service.sockets import bind
 
 log = logging.getLogger(__name__)
 STARTUP_ERRORS = (WeightsError, CheckpointError, RuntimeError, OSError, ValueError)
 GRPC_GRACE_S = 1.0  # after the drain only health watchers and responses being written are left
+EXIT_DRAIN_TIMEOUT = 3  # stopped, but admitted work was cut off by LEVIT_DRAIN_TIMEOUT_S
 
 
 class _Uvicorn(uvicorn.Server):
@@ -36,22 +42,28 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 class Server:
-    def __init__(self, settings: Settings, before_forward: Hook | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        before_forward: Hook | None = None,
+        *,
+        model: ModelBackend | None = None,
+        http_socket: socket.socket | None = None,
+        grpc_shared_port: bool = False,
+        decoders: int | None = None,
+    ) -> None:
+        """`model` defaults to the in-process model thread; a supervisor passes the listening HTTP socket
+        (shared by every front-end) and `grpc_shared_port` (SO_REUSEPORT on the port it reserved)."""
+        if model is None:
+            from service.batching.local import LocalModel
+
+            model = LocalModel(settings, before_forward)
         self.settings = settings
-        self.service = Service(settings, before_forward)
+        self.service = Service(settings, model, decoders)
         self._stop = asyncio.Event()
-        self.http_socket = bind(settings.host, settings.http_port)
+        self.http_socket = http_socket or bind(settings.host, settings.http_port)
+        self.http_socket.setblocking(False)
         self.http_port: int = self.http_socket.getsockname()[1]
         config = uvicorn.Config(
             create_app(self.service),
@@ -62,7 +74,7 @@ class Server:
             timeout_keep_alive=30,
         )
         self.http = _Uvicorn(config)
-        self.grpc = GrpcServer(self.service)
+        self.grpc = GrpcServer(self.service, shared_port=grpc_shared_port)
 
     @property
     def grpc_port(self) -> int | None:
@@ -73,7 +85,7 @@ class Server:
         self._stop.set()
 
     async def run(self, handle_signals: bool = True) -> int:
-        """Serve until stopped; the exit status is 0 after a clean drain, 1 if the model never loaded."""
+        """Serve until stopped; the exit status is in the module's docstring."""
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,7 +113,8 @@ class Server:
             await stop
             log.info("stop requested: draining (up to %.1fs)", self.settings.drain_timeout_s)
             starting.cancel()
-            await self.service.drain(self.settings.drain_timeout_s)
+            if not await self.service.drain(self.settings.drain_timeout_s):
+                status = EXIT_DRAIN_TIMEOUT
         self.http.should_exit = True
         await asyncio.gather(http, self.grpc.stop(GRPC_GRACE_S))
         await self.service.close()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.configs import VARIANTS
@@ -29,7 +29,14 @@ class Settings(BaseSettings):
     engine: Literal["auto", "compile", "trace", "eager"] = Field(
         "auto", description="CPU execution path; auto = compile when a C++ compiler exists, else trace"
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    instance_kind: Literal["process", "thread"] = Field(
+        "process",
+        description="process = model processes fed through shared memory by front-end processes; "
+        "thread = one process, the model in a thread of it (tests, debugging)",
+    )
+    workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
+    instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
+    threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
     max_batch_size: int = Field(16, ge=1, le=256, description="images per model call")
     max_batch_delay_ms: float = Field(
         50.0, ge=0, le=60_000, description="longest a batch stays open for more images while the model is busy"
@@ -69,6 +76,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_process_for_threads(self) -> Settings:
+        if self.instance_kind == "thread" and self.workers > 1:
+            raise ValueError(
+                f"instance_kind=thread runs one process; workers={self.workers} needs instance_kind=process"
+            )
+        return self
 
     @property
     def env_names(self) -> list[str]:

@@ -15,9 +15,9 @@ from pathlib import Path
 OS_NAME_LIMIT = 15  # bytes, not counting the terminating NUL (Linux TASK_COMM_LEN)
 
 
-def name_os_thread() -> None:
-    """Copy the current Python thread's name to the kernel (Linux; a no-op elsewhere)."""
-    name = threading.current_thread().name[:OS_NAME_LIMIT]
+def name_os_thread(name: str | None = None) -> None:
+    """Give the kernel the current thread's name, `name` or the Python one (Linux; a no-op elsewhere)."""
+    name = (name or threading.current_thread().name)[:OS_NAME_LIMIT]
     with contextlib.suppress(OSError):
         Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)
 

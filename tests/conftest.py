@@ -57,7 +57,13 @@ class ServerThread:
 
     def __init__(self, hook: Callable[[int], None] | None = None, **overrides) -> None:
         defaults = dict(
-            weights="random", engine="eager", host="127.0.0.1", http_port=0, grpc_port=0, log_level="WARNING"
+            weights="random",
+            engine="eager",
+            host="127.0.0.1",
+            http_port=0,
+            grpc_port=0,
+            log_level="WARNING",
+            instance_kind="thread",  # in this process: the hook steers the model thread
         )
         self.settings = Settings(**{**defaults, **overrides})
         self.hook = hook

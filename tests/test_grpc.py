@@ -293,7 +293,7 @@ def test_health_follows_loading_ready_and_draining(monkeypatch: pytest.MonkeyPat
             assert loaded.wait(60)
             super().__init__(settings)
 
-    monkeypatch.setattr("service.core.ModelRuntime", SlowToLoad)
+    monkeypatch.setattr("service.batching.local.ModelRuntime", SlowToLoad)
     gate = Gate()
     srv = ServerThread(hook=gate, max_batch_size=1).start(wait_ready=False)
     live = Live(srv)

@@ -827,7 +827,7 @@ def test_not_ready_while_loading(monkeypatch: pytest.MonkeyPatch) -> None:
             assert loaded.wait(60)
             super().__init__(settings)
 
-    monkeypatch.setattr("service.core.ModelRuntime", SlowToLoad)
+    monkeypatch.setattr("service.batching.local.ModelRuntime", SlowToLoad)
     srv = ServerThread(max_batch_size=1).start(wait_ready=False)
     try:
         live = Live(srv)

@@ -74,8 +74,9 @@ def address(host: str, port: int) -> str:
 class GrpcServer:
     """`start()` binds host:grpc_port (0 picks a free port, then `port` tells it); `stop()` after the drain."""
 
-    def __init__(self, service: Service, stream_window: int | None = None) -> None:
+    def __init__(self, service: Service, stream_window: int | None = None, shared_port: bool = False) -> None:
         self.service = service
+        self._shared_port = shared_port  # front-end processes of one server share the port (SO_REUSEPORT)
         self.settings = service.settings
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
@@ -93,7 +94,8 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),
-                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, as HTTP does
+                # A stranger on the same port must fail, as HTTP does; our own front-ends share it.
+                ("grpc.so_reuseport", int(self._shared_port)),
             ],
         )
         servicer = ClassifierServicer(self.service, self._draining, self._stream_window)

@@ -43,10 +43,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return default if remaining is None else time.monotonic() + remaining
 
     def _response(self, request: pb.ClassifyRequest, results: list[ImageResult]) -> pb.ClassifyResponse:
-        runtime = self.service.runtime
         return pb.ClassifyResponse(
             request_id=request.request_id,
-            model=pb.ModelRef(name=self.settings.model, weights=runtime.weights.id if runtime else "unknown"),
+            model=pb.ModelRef(name=self.settings.model, weights=self.service.weights_id),
             results=[
                 pb.ImageResult(
                     filename=r.filename,
@@ -113,10 +112,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             logs.request_id.reset(token)
 
     async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
-        if self.service.runtime is None:
+        if self.service.model_info is None:
             error = NotReady("model is still loading")
             await abort(context, reject(error), error.message, error.code)
-        return model_info(self.service.runtime.describe())
+        return model_info(self.service.model_info)
 
 
 def model_info(description: dict) -> pb.ModelInfo:

@@ -167,7 +167,7 @@ def create_app(service: Service) -> ASGIApp:
             return error_response(499, "cancelled", "client closed the request")
         gone.cancel()
         results = work.result()
-        weights = service.runtime.weights.id if service.runtime else "unknown"
+        weights = service.weights_id
         # Built as plain JSON: ClassifyOut documents this shape, validating it again per request costs ~10%.
         return JSONResponse(Classification(settings.model, weights, results).to_json())
 
@@ -193,9 +193,9 @@ def create_app(service: Service) -> ASGIApp:
     @app.get("/v1/model", responses={503: {"model": ErrorOut}})
     async def model_metadata() -> dict[str, Any]:
         """Variant, weights (source, SHA-256), parameters, MACs, input size, device, dtype, batching."""
-        if service.runtime is None:
+        if service.model_info is None:
             raise NotReady("model is still loading")
-        return service.runtime.describe()
+        return service.model_info
 
     app.include_router(v2_router(service))  # /v2: the Open Inference Protocol (docs/v2.md)
     app.include_router(page.create_router())  # `/`: the page, and /v1/stats for its live view (docs/page.md)

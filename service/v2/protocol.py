@@ -151,14 +151,16 @@ def model_metadata(settings: Settings) -> dict[str, Any]:
 
 def model_config(service: Service) -> dict[str, Any]:
     """Triton's model configuration (JSON names of model_config.proto), from the settings the server runs with."""
-    runtime = service.runtime
-    if runtime is None:
+    info = service.model_info
+    if info is None:
         raise NotReady("model is still loading")
     s = service.settings
-    gpu = runtime.device.type == "cuda"
-    instance: dict[str, Any] = {"name": s.model, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}
+    device = info["device"]
+    gpu = device.startswith("cuda")
+    count = info.get("instances", {}).get("count", 1)
+    instance: dict[str, Any] = {"name": s.model, "kind": "KIND_GPU" if gpu else "KIND_CPU", "count": count}
     if gpu:
-        instance["gpus"] = [runtime.device.index or 0]
+        instance["gpus"] = [int(device.partition(":")[2] or 0)]
     return {
         "name": s.model,
         "platform": PLATFORM,
@@ -198,10 +200,10 @@ def model_config(service: Service) -> dict[str, Any]:
         "parameters": {
             key: {"string_value": str(value)}
             for key, value in {
-                "weights": runtime.weights.id,
-                "device": runtime.device,
+                "weights": info["weights"]["id"],
+                "device": device,
                 "dtype": s.dtype,
-                "engine": runtime.engine.kind,
+                "engine": info["engine"],
                 "max_images_per_request": s.max_images_per_request,
                 "max_top_k": s.max_top_k,
             }.items()

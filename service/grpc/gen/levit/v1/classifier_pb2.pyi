@@ -79,7 +79,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching")
+    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching", "instances")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     weights: Weights
     parameters: int
@@ -100,7 +101,20 @@ class ModelInfo(_message.Message):
     dtype: str
     engine: str
     batching: Batching
-    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ...) -> None: ...
+    instances: Instances
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ...) -> None: ...
+
+class Instances(_message.Message):
+    __slots__ = ("kind", "count", "threads", "workers")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    count: int
+    threads: int
+    workers: int
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class Weights(_message.Message):
     __slots__ = ("id", "source", "sha256", "pretrained")

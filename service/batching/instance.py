@@ -1,0 +1,169 @@
+"""A model process (one "instance", as Triton calls them): load, warm, then run batches from the ring.
+
+The loop is deliberately dumb: a blocking `read()` on the shared task pipe returns every record that is
+waiting, up to `max_batch_size` (an idle instance starts on the first image at once; a busy system
+hands a freed instance a full batch). Expired and cancelled images are answered without compute.
+All model work happens in this process's main thread: one OpenMP team of `threads` workers
+(see `service.batching.batcher.model_thread` for why one thread matters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.batching.ring import (
+    DONE,
+    DROPPED_CANCELLED,
+    DROPPED_DEADLINE,
+    FAILED,
+    LOADING,
+    OK,
+    QUEUED,
+    READY,
+    RESULT,
+    TAKEN,
+    TASK,
+    Pipes,
+    Ring,
+    RingSpec,
+)
+from service.settings import Settings
+from service.threads import name_os_thread
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What a spawned model process needs: picklable."""
+
+    index: int
+    epoch: int
+    settings: Settings
+    ring: RingSpec
+    pipes: Pipes
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: the kernel sends `sig` to this process when the supervisor dies, so no orphan keeps a port."""
+    import ctypes
+
+    with contextlib.suppress(OSError):  # not glibc: no parent-death signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+class Instance:
+    def __init__(self, spec: InstanceSpec) -> None:
+        from service.runtime import ModelRuntime
+
+        self.spec = spec
+        self.index = spec.index
+        self.epoch = spec.epoch
+        self.ring = Ring(spec.ring, spec.pipes)
+        self.ring.instance_state[self.index] = LOADING
+        self.runtime = ModelRuntime.warm(spec.settings)
+        self.engine = self.runtime.engine
+        self.max_batch = spec.settings.max_batch_size
+        self.task_fd = spec.pipes.task_r.fileno()
+        self.result_fds = [reader_writer[1].fileno() for reader_writer in spec.pipes.results]
+        if self.ring.info() is None:
+            self.ring.publish_info(self.runtime.describe())
+        self.ring.instance_state[self.index] = READY
+
+    def serve(self) -> None:
+        from service import metrics
+
+        record = TASK.size
+        while True:
+            data = os.read(self.task_fd, self.max_batch * record)
+            if not data:
+                return  # every writer is gone: the server is shutting down
+            tasks = list(TASK.iter_unpack(data))
+            now = time.monotonic()
+            live, answers = [], {}
+            ring = self.ring
+            for slot, gen, frontend, _, deadline, enqueued in tasks:
+                if ring.gen[slot] != gen or ring.state[slot] != QUEUED:
+                    continue  # recycled or abandoned by a front-end that died
+                ring.owner_epoch[slot] = self.epoch
+                ring.owner[slot] = self.index
+                ring.state[slot] = TAKEN
+                if deadline <= now:  # first: a front-end also cancels the images whose deadline it saw pass
+                    status = DROPPED_DEADLINE
+                elif ring.cancelled[slot]:
+                    status = DROPPED_CANCELLED
+                else:
+                    live.append((slot, gen, frontend))
+                    metrics.QUEUE_WAIT.observe(now - enqueued)
+                    continue
+                metrics.IMAGES_DROPPED.labels("cancelled" if status == DROPPED_CANCELLED else "deadline").inc()
+                answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
+            if live:
+                status = self._forward([slot for slot, _, _ in live])
+                for slot, gen, frontend in live:
+                    ring.state[slot] = DONE
+                    answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
+            for frontend, records in answers.items():
+                _write_results(self.result_fds[frontend], b"".join(records))
+
+    def _forward(self, slots: list[int]) -> int:
+        from model.transforms import batch_input, normalize
+        from service import metrics
+
+        ring = self.ring
+        try:
+            start = time.perf_counter()
+            if all(s < ring.spec.u8_slots for s in slots):  # the usual case: one gather, one normalisation pass
+                batch = normalize(torch.from_numpy(ring.u8[np.asarray(slots)]))
+            else:
+                batch = batch_input([torch.from_numpy(ring.pixels(s).copy()) for s in slots])
+            probs = self.engine(batch).softmax(dim=-1)
+            ring.probs[np.asarray(slots)] = probs.numpy()
+            metrics.MODEL_FORWARD.observe(time.perf_counter() - start)
+            metrics.BATCH_SIZE.observe(len(slots))
+            metrics.IMAGES_CLASSIFIED.inc(len(slots))
+            return OK
+        except Exception:
+            log.exception("model failed on a batch of %d images", len(slots))
+            return FAILED
+
+
+def _write_results(fd: int, data: bytes) -> None:
+    from service.batching.ring import write_all
+
+    with contextlib.suppress(BrokenPipeError):  # cannot happen: the supervisor keeps every read end open
+        write_all(fd, data)
+
+
+def main(spec: InstanceSpec) -> None:
+    """Entry point of a spawned model process."""
+    from service import logs
+
+    die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which orders the stop
+    settings = spec.settings
+    logs.configure(settings.log_level, settings.log_format)
+    name_os_thread(f"levit-model-{spec.index}")
+    torch.set_num_threads(settings.threads)
+    from service.server import STARTUP_ERRORS
+
+    try:
+        instance = Instance(spec)
+    except STARTUP_ERRORS as error:  # the supervisor logs it once (every instance fails alike) and stops
+        Ring(spec.ring, spec.pipes).set_instance_error(spec.index, str(error))
+        sys.exit(1)
+    except BaseException as error:
+        Ring(spec.ring, spec.pipes).set_instance_error(spec.index, repr(error))
+        raise
+    log.info("model instance %d ready (pid %d, %d threads)", spec.index, os.getpid(), settings.threads)
+    instance.serve()

@@ -1,0 +1,64 @@
+"""A front-end process: HTTP + gRPC + decoding, handing crops to the model processes through the ring."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from service.batching.ring import Pipes, RingSpec
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrontendSpec:
+    """What a spawned front-end needs: picklable (the socket and pipes travel as file descriptors)."""
+
+    index: int
+    settings: Settings
+    ring: RingSpec
+    pipes: Pipes
+    http_socket: socket.socket
+    grpc_port: int
+    decoders: int
+
+
+def main(spec: FrontendSpec) -> None:
+    """Entry point of a spawned front-end; exits with `Server.run`'s status."""
+    from service import logs
+    from service.batching.instance import die_with_parent
+    from service.threads import name_os_thread
+
+    die_with_parent(signal.SIGTERM)  # the supervisor is gone: drain and exit
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders the stop
+    settings = spec.settings.model_copy(update={"grpc_port": spec.grpc_port})
+    logs.configure(settings.log_level, settings.log_format)
+    name_os_thread(f"levit-front-{spec.index}")
+
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP team here: the cores belong to decoding and the model processes
+
+    from service.batching.remote import RemoteModel
+    from service.server import Server
+
+    async def serve() -> int:
+        model = RemoteModel(spec.ring, spec.pipes, spec.index, settings.max_queue)
+        server = Server(
+            settings, model=model, http_socket=spec.http_socket, grpc_shared_port=True, decoders=spec.decoders
+        )
+        return await server.run()
+
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvicorn[standard] ships uvloop
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        sys.exit(runner.run(serve()))

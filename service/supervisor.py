@@ -1,0 +1,239 @@
+"""The parent process: binds the ports, lays out the ring, runs front-end and model processes, restarts them.
+
+    supervisor ──┬── front-end 0..W-1 (HTTP + gRPC + decode) ──┐  crops in shared memory,
+                 │                                             ├─ 32-byte records through pipes
+                 └── model instance 0..I-1 (T threads each) ───┘  (service.batching.ring)
+
+Outside it is one service: one HTTP port (one listening socket that every front-end accepts from), one
+gRPC port (SO_REUSEPORT), one `/metrics` (prometheus-client's multiprocess mode: any front-end reports
+the totals of all processes), one readiness (ready while a model instance is), one queue bound, one drain.
+
+Supervision: a process that dies is seen at once (its sentinel becomes readable). Front-ends fail the
+images a dead model process had taken (they watch the instance epochs in the ring) and readiness drops if
+no other instance can serve; the process is started again under the same index. An instance that exits
+before it was ever ready is a start-up failure (bad weights, say): the server stops with status 1.
+SIGTERM: front-ends drain (readiness off, admitted work finishes), then model processes stop; exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by restarts of the same process in the last minute
+STOP_GRACE_S = 10.0  # after the drain timeout, before a front-end is killed
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass
+class _Child:
+    role: str  # "front-end" or "model"
+    index: int
+    process: BaseProcess | None = None
+    ready_once: bool = False
+    restarts: list[float] = field(default_factory=list)
+    due: float = 0.0  # when a dead child may be started again
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        from service.batching.ring import Ring, RingSpec, make_pipes, segment_bytes
+        from service.sockets import bind, reserve_shared_port
+        from service.topology import plan, resolved
+
+        self.topology = plan(settings)
+        self.settings = resolved(settings, self.topology)
+        s = self.settings
+        t = self.topology
+        self._ctx = mp.get_context("spawn")
+        self.http_socket = bind(s.host, s.http_port)
+        self.http_port: int = self.http_socket.getsockname()[1]
+        self._grpc_holder, self.grpc_port = reserve_shared_port(s.host, s.grpc_port)
+        u8 = s.max_queue + t.instances * s.max_batch_size + s.max_images_per_request
+        f32 = min(s.max_images_per_request, 64)
+        self.ring_spec = RingSpec(f"levit-{os.getpid()}-{uuid.uuid4().hex[:8]}", u8, f32, t.workers, t.instances)
+        self.pipes = make_pipes(t.workers)
+        self.ring = Ring.create(self.ring_spec, self.pipes)
+        self.ring_bytes = segment_bytes(self.ring_spec)
+        self.frontends = [_Child("front-end", i) for i in range(t.workers)]
+        self.instances = [_Child("model", i) for i in range(t.instances)]
+        self._stop = threading.Event()
+        self._status = 0
+
+    # --- processes ---------------------------------------------------------------------------------------
+
+    def _spawn(self, child: _Child) -> None:
+        from service import frontend as frontend_module
+        from service.batching import instance as instance_module
+
+        if child.role == "model":
+            spec = instance_module.InstanceSpec(
+                child.index, int(self.ring.instance_epoch[child.index]), self.settings, self.ring_spec, self.pipes
+            )
+            target, name = instance_module.main, f"levit-model-{child.index}"
+        else:
+            decoders = max(2, self.topology.cores // self.topology.workers)
+            spec = frontend_module.FrontendSpec(
+                child.index, self.settings, self.ring_spec, self.pipes, self.http_socket, self.grpc_port, decoders
+            )
+            target, name = frontend_module.main, f"levit-front-{child.index}"
+        child.process = self._ctx.Process(target=target, args=(spec,), name=name, daemon=False)
+        child.process.start()
+        if child.role == "model":
+            self.ring.instance_pid[child.index] = child.process.pid
+
+    def _reap(self, child: _Child) -> None:
+        """A child exited: account for it, and decide whether and when it comes back."""
+        from prometheus_client import multiprocess
+
+        from service.batching.ring import DOWN
+
+        process = child.process
+        assert process is not None
+        code = process.exitcode
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(process.pid)
+        child.process = None
+        if child.role == "model":
+            self.ring.instance_state[child.index] = DOWN
+            self.ring.instance_epoch[child.index] += 1  # front-ends fail what it had taken
+            if not child.ready_once:
+                if not self._stop.is_set():  # the first failure speaks for all: one line
+                    reason = self.ring.instance_error(child.index) or f"model process exited with status {code}"
+                    log.error("cannot start: %s", reason)
+                    self._status = 1
+                    self._stop.set()
+                return
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+        child.due = now + RESTART_BACKOFF_S[min(len(child.restarts) - 1, len(RESTART_BACKOFF_S) - 1)]
+        log.error("%s %d (pid %d) exited with status %s: restarting", child.role, child.index, process.pid, code)
+
+    def _children(self) -> list[_Child]:
+        return [*self.instances, *self.frontends]
+
+    # --- main loop ---------------------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        from service.batching.ring import PHASE_DRAINING, PHASE_LOADING, PHASE_READY, READY
+
+        t = self.topology
+        log.info(
+            "supervisor: %d front-end(s), %d model instance(s) x %d threads on %d cores (%s); ring %.0f MiB",
+            t.workers, t.instances, t.threads, t.cores, t.device, self.ring_bytes / 2**20,
+        )  # fmt: skip
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.ring.phase = PHASE_LOADING
+        for child in self._children():
+            self._spawn(child)
+        ready_logged = False
+        while not self._stop.is_set():
+            sentinels = {c.process.sentinel: c for c in self._children() if c.process is not None}
+            for sentinel in wait(list(sentinels), timeout=0.05):
+                child = sentinels[sentinel]  # type: ignore[index]
+                if child.process is not None:
+                    child.process.join()
+                    self._reap(child)
+            for instance in self.instances:
+                if instance.process is not None and self.ring.instance_state[instance.index] == READY:
+                    instance.ready_once = True
+            if not ready_logged and self.ring.any_instance_ready():
+                self.ring.phase = PHASE_READY
+                log.info("serving HTTP on %s:%d, gRPC on %s:%d", self.settings.host, self.http_port,
+                         self.settings.host, self.grpc_port)  # fmt: skip
+                ready_logged = True
+            now = time.monotonic()
+            for child in self._children():
+                if child.process is None and not self._stop.is_set() and now >= child.due:
+                    self._spawn(child)
+        self.ring.phase = PHASE_DRAINING
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        """Front-ends first (they drain), then the model processes they were waiting on."""
+        log.info("stop requested: draining (up to %.1fs)", self.settings.drain_timeout_s)
+        deadline = time.monotonic() + self.settings.drain_timeout_s + STOP_GRACE_S
+        for child in self.frontends:
+            if child.process is not None:
+                child.process.terminate()  # SIGTERM: the front-end's own ordered drain
+        for child in self.frontends:
+            if child.process is None:
+                continue
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.exitcode is None:
+                log.error("front-end %d did not stop in time: killing it", child.index)
+                child.process.kill()
+                child.process.join()
+                self._status = self._status or 3
+            elif child.process.exitcode != 0:
+                self._status = self._status or child.process.exitcode
+        for child in self.instances:
+            if child.process is not None:
+                child.process.terminate()
+        for child in self.instances:
+            if child.process is not None:
+                child.process.join(STOP_GRACE_S)
+                if child.process.exitcode is None:
+                    child.process.kill()
+                    child.process.join()
+        self.close()
+        log.info("stopped")
+        return self._status
+
+    def close(self) -> None:
+        self.ring.close()
+        self.http_socket.close()
+        self._grpc_holder.close()
+
+
+def prepare_metrics_dir() -> str:
+    """prometheus-client's multiprocess mode: every process writes its samples to files here.
+
+    Must be set before any process imports prometheus_client, so the supervisor sets it first thing.
+    """
+    directory = os.environ.get(METRICS_ENV)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        for entry in os.listdir(directory):  # samples of an earlier run would be added to ours
+            if entry.endswith(".db"):
+                os.unlink(os.path.join(directory, entry))
+        return directory
+    directory = tempfile.mkdtemp(prefix="levit-metrics-")
+    os.environ[METRICS_ENV] = directory
+    return directory
+
+
+def serve(settings: Settings) -> int:
+    """`python -m service` with LEVIT_INSTANCE_KIND=process."""
+    owned = METRICS_ENV not in os.environ
+    directory = prepare_metrics_dir()
+    try:
+        try:
+            supervisor = Supervisor(settings)
+        except (OSError, ValueError) as error:
+            log.error("cannot start: %s", error)
+            return 1
+        return supervisor.run()
+    finally:
+        if owned:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""How many processes and threads, from the machine: the one place the defaults are decided.
+
+Measured (docs/benchmarks.md): LeViT is too small for a wide OpenMP team. On 16 cores four
+processes of four threads ran the model 1.8x faster than one process of sixteen, and a team that
+spins at barriers while decoding threads hold its cores wastes both. So CPU instances get a few
+threads each, and some cores are left to the front-ends, which decode. A GPU gets one model
+process (it batches across all front-ends) with two threads, and the front-ends get the cores.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.settings import Settings
+
+THREADS_PER_CPU_INSTANCE = 4
+CORES_PER_FRONTEND = 4
+GPU_INSTANCE_THREADS = 2
+
+
+@dataclass(frozen=True)
+class Topology:
+    kind: str  # "process" or "thread"
+    workers: int
+    instances: int
+    threads: int
+    cores: int
+    device: str  # "cpu" or "cuda[:N]"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "workers": self.workers,
+            "count": self.instances,
+            "threads": self.threads,
+            "cores": self.cores,
+        }
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan(settings: Settings, cores: int | None = None, device: str | None = None) -> Topology:
+    """Every `0 = from the machine` setting made concrete; explicit settings are kept as given."""
+    cores = cores or usable_cores()
+    device = device or resolve_device(settings.device)
+    if settings.instance_kind == "thread":
+        return Topology("thread", 1, 1, settings.threads or cores, cores, device)
+    if device.startswith("cuda"):
+        instances = settings.instances or 1
+        threads = settings.threads or GPU_INSTANCE_THREADS
+        workers = settings.workers or max(1, (cores - instances * threads) // 2)
+        return Topology("process", workers, instances, threads, cores, device)
+    instances = settings.instances or max(1, cores // THREADS_PER_CPU_INSTANCE)
+    reserve = cores // CORES_PER_FRONTEND if cores >= 8 else 0  # cores left for decoding
+    threads = settings.threads or max(1, (cores - reserve) // instances)
+    workers = settings.workers or max(1, cores // CORES_PER_FRONTEND)
+    return Topology("process", workers, instances, threads, cores, device)
+
+
+def resolved(settings: Settings, topology: Topology) -> Settings:
+    """The settings each process runs with: no `0 = auto` left, so every process agrees."""
+    return settings.model_copy(
+        update={"workers": topology.workers, "instances": topology.instances, "threads": topology.threads}
+    )

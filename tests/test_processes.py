@@ -1,0 +1,207 @@
+"""The process model, as users run it: `python -m service` with front-end and model processes.
+
+Real processes, real sockets, `kill -9`: totals across processes in one `/metrics`, one global queue
+bound, deadlines dropping work in the model process, supervision (a dead model process fails exactly
+its images and comes back; a dead front-end's slots are reclaimed and the others keep serving), and
+the shared-memory ring's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+
+from service.grpc.gen.levit.v1 import classifier_pb2 as pb
+from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
+from tests.conftest import ROOT, photo, wait_until
+from tests.helpers import metric, scrape
+from tests.test_lifecycle import free_port
+
+CAT = photo("cat.jpg")
+
+
+class Proc:
+    """`python -m service` in the default process model, on free ports."""
+
+    def __init__(self, **env: str) -> None:
+        self.http_port, self.grpc_port = free_port(), free_port()
+        full = {
+            **os.environ,
+            "LEVIT_HOST": "127.0.0.1",
+            "LEVIT_WEIGHTS": "random",
+            "LEVIT_ENGINE": "eager",
+            "LEVIT_HTTP_PORT": str(self.http_port),
+            "LEVIT_GRPC_PORT": str(self.grpc_port),
+            **env,
+        }
+        full.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def ready(self) -> bool:
+        return httpx.get(self.url + "/readyz").status_code == 200
+
+    def wait_ready(self) -> Proc:
+        wait_until(self.ready, timeout=180)
+        return self
+
+    def children(self) -> dict[str, int]:
+        """OS name -> pid of this server's processes (front-ends and model instances name themselves)."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/comm") as comm:
+                    name = comm.read().strip()
+            except OSError:
+                continue
+            if ppid == self.proc.pid and name.startswith("levit-"):
+                found[name] = int(entry)
+        return found
+
+    def classify(self, timeout_ms: int | None = None) -> httpx.Response:
+        headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
+        return httpx.post(self.url + "/classify", files={"img": ("cat.jpg", CAT)}, headers=headers, timeout=120)
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=120)
+        finally:
+            self.proc.kill()
+        return code, self.proc.stderr.read().decode()
+
+
+@pytest.fixture
+def slow() -> Iterator[Proc]:
+    """One slow model process (so work is reliably in flight), two front-ends."""
+    server = Proc(
+        LEVIT_WORKERS="2", LEVIT_INSTANCES="1", LEVIT_THREADS="1", LEVIT_MODEL="LeViT_384", LEVIT_MAX_BATCH_SIZE="2"
+    )
+    try:
+        yield server.wait_ready()
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def burst(server: Proc, count: int, timeout_ms: int | None = None) -> list[int | str]:
+    def one() -> int | str:
+        try:
+            return server.classify(timeout_ms).status_code
+        except httpx.TransportError as error:  # only a killed front-end's own connections may see this
+            return type(error).__name__
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: one(), range(count)))
+
+
+def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
+    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1").wait_ready()
+    try:
+        names = server.children()
+        assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
+        info = httpx.get(server.url + "/v1/model").json()
+        assert info["instances"] == {"kind": "process", "count": 2, "threads": 1, "workers": 2}
+        before = metric(scrape(server.url), "levit_images_classified_total")
+        statuses = burst(server, 24)  # 24 connections: the kernel hands them to both front-ends
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            reply = pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(filename="cat.jpg", data=CAT)], top_k=3), timeout=60
+            )
+        assert statuses == [200] * 24
+        assert [p.label for p in reply.results[0].predictions] == [
+            p["label"] for p in server.classify().json()["results"][0]["predictions"][:3]
+        ]
+        # Whichever front-end answers the scrape, it reports every process's images.
+        for _ in range(4):
+            assert metric(scrape(server.url), "levit_images_classified_total") - before == 24 + 1 + 1
+    finally:
+        code, err = server.stop()
+    assert code == 0, err
+
+
+def test_queue_bound_is_global_and_refuses_at_once() -> None:
+    server = Proc(
+        LEVIT_WORKERS="2",
+        LEVIT_INSTANCES="1",
+        LEVIT_THREADS="1",
+        LEVIT_MODEL="LeViT_384",
+        LEVIT_MAX_BATCH_SIZE="1",
+        LEVIT_MAX_QUEUE="4",
+    ).wait_ready()
+    try:
+        statuses = burst(server, 24)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 24 - 4 - 2 - 1 - 4, statuses  # queue + running + in transit, both front-ends
+        assert statuses.count(200) >= 1
+        samples = scrape(server.url)
+        assert metric(samples, "levit_rejections_total", reason="queue_full") == statuses.count(503)
+    finally:
+        server.stop()
+
+
+def test_deadline_drops_images_before_compute_in_the_model_process(slow: Proc) -> None:
+    before = metric(scrape(slow.url), "levit_images_dropped_total", reason="deadline")
+    statuses = burst(slow, 12, timeout_ms=150)  # LeViT_384 on one thread: ~0.1 s per image, 2 per batch
+    assert 504 in statuses and set(statuses) <= {200, 504}, statuses
+    wait_until(lambda: metric(scrape(slow.url), "levit_images_dropped_total", reason="deadline") > before)
+    assert slow.classify().status_code == 200  # nothing stuck behind them
+
+
+def test_killed_model_process_fails_its_images_and_comes_back(slow: Proc) -> None:
+    model = slow.children()["levit-model-0"]
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(slow.classify) for _ in range(12)]
+        wait_until(lambda: metric(scrape(slow.url), "levit_queue_depth") >= 4)  # work queued and in compute
+        os.kill(model, signal.SIGKILL)
+        wait_until(lambda: not slow.ready())  # the only instance is gone: not ready
+        replies = [f.result() for f in futures]  # every request answered: none hangs
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) <= {200, 500}, statuses
+    failed = [r.json()["error"] for r in replies if r.status_code == 500]
+    assert failed and all(e["code"] == "model_error" and "model process exited" in e["message"] for e in failed)
+    assert len(failed) <= 2  # exactly the images it had taken (max batch 2); the queued ones were served later
+    wait_until(slow.ready, timeout=180)
+    assert slow.children()["levit-model-0"] != model
+    assert slow.classify().status_code == 200
+
+
+def test_killed_front_end_is_replaced_and_its_slots_reclaimed(slow: Proc) -> None:
+    front = slow.children()["levit-front-0"]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(burst, slow, 1) for _ in range(8)]
+        wait_until(lambda: metric(scrape(slow.url), "levit_queue_depth") >= 2)
+        os.kill(front, signal.SIGKILL)
+        outcomes = [f.result()[0] for f in futures]
+    assert set(outcomes) <= {200, "RemoteProtocolError", "ReadError"}, outcomes  # the dead one's own clients
+    assert 200 in outcomes  # the other front-end kept serving
+    wait_until(lambda: slow.children().get("levit-front-0", front) != front)
+    # The replacement took over its predecessor's slots: the whole queue is usable again, on both.
+    assert burst(slow, 16) == [200] * 16
+    code, err = slow.stop()
+    assert code == 0, err
+    assert "reclaimed" in err
+
+
+def test_start_up_failure_in_a_model_process_stops_the_server_with_one_line(tmp_path) -> None:
+    bad = tmp_path / "junk.pth"
+    bad.write_bytes(b"not a checkpoint")
+    server = Proc(LEVIT_WEIGHTS=str(bad), LEVIT_WORKERS="2", LEVIT_INSTANCES="2")
+    _, err = server.proc.communicate(timeout=180)
+    assert server.proc.returncode == 1, err
+    assert "Traceback" not in err.decode()
+    assert [ln for ln in err.decode().splitlines() if "cannot start" in ln]

@@ -1,0 +1,38 @@
+"""Defaults from the machine: every `0 = from the machine` setting made concrete, explicit ones kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings
+from service.topology import plan, resolved, usable_cores
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"),
+    [(1, (1, 1, 1)), (2, (1, 1, 2)), (4, (1, 1, 4)), (8, (2, 2, 3)), (16, (4, 4, 3)), (64, (16, 16, 3))],
+)
+def test_cpu_defaults_keep_teams_small_and_leave_cores_to_decoding(cores: int, expected: tuple) -> None:
+    t = plan(Settings(), cores=cores, device="cpu")
+    assert (t.workers, t.instances, t.threads) == expected
+    assert t.instances * t.threads <= cores
+
+
+def test_gpu_gets_one_model_process_and_the_cores_go_to_front_ends() -> None:
+    t = plan(Settings(), cores=16, device="cuda")
+    assert (t.instances, t.threads, t.workers) == (1, 2, 7)
+
+
+def test_explicit_settings_win_and_thread_kind_is_one_process() -> None:
+    t = plan(Settings(workers=3, instances=2, threads=5), cores=16, device="cpu")
+    assert (t.workers, t.instances, t.threads) == (3, 2, 5)
+    single = plan(Settings(instance_kind="thread"), cores=8, device="cpu")
+    assert (single.workers, single.instances, single.threads) == (1, 1, 8)
+    with pytest.raises(ValueError, match="instance_kind=thread runs one process"):
+        Settings(instance_kind="thread", workers=2)
+
+
+def test_resolved_settings_have_no_automatic_values_left() -> None:
+    s = resolved(Settings(), plan(Settings(), cores=16, device="cpu"))
+    assert (s.workers, s.instances, s.threads) == (4, 4, 3)
+    assert 1 <= usable_cores() <= (__import__("os").cpu_count() or 1)
