@@ -26,7 +26,6 @@ import signal
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -65,7 +64,7 @@ class Supervisor:
         self._grpc_holder, self.grpc_port = reserve_shared_port(s.host, s.grpc_port)
         u8 = s.max_queue + t.instances * s.max_batch_size + s.max_images_per_request
         f32 = min(s.max_images_per_request, 64)
-        self.ring_spec = RingSpec(f"levit-{os.getpid()}-{uuid.uuid4().hex[:8]}", u8, f32, t.workers, t.instances)
+        self.ring_spec = RingSpec(u8, f32, t.workers, t.instances)
         self.pipes = make_pipes(t.workers)
         self.ring = Ring.create(self.ring_spec, self.pipes)
         self.ring_bytes = segment_bytes(self.ring_spec)

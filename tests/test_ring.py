@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,7 +22,7 @@ from service.batching.ring import (
 
 @pytest.fixture
 def ring() -> Iterator[Ring]:
-    spec = RingSpec(f"levit-test-{uuid.uuid4().hex[:8]}", u8_slots=6, f32_slots=2, frontends=2, instances=1)
+    spec = RingSpec(u8_slots=6, f32_slots=2, frontends=2, instances=1)
     ring = Ring.create(spec, make_pipes(spec.frontends))
     yield ring
     ring.close()

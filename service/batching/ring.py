@@ -27,11 +27,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import mmap
 import os
 import struct
 import termios
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -61,11 +62,37 @@ U8_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 F32_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
 
 
+class Memory:
+    """The shared segment: an anonymous memory file (memfd) that travels to spawned children as a descriptor.
+
+    Not `/dev/shm` (multiprocessing.shared_memory): containers get a 64 MiB `/dev/shm` by default, less
+    than the ring needs, and a named segment outlives a supervisor killed with -9. A memfd has no name,
+    is not limited by `/dev/shm`'s size, and is freed when the last process holding it exits.
+    """
+
+    def __init__(self, size: int, fd: int | None = None) -> None:
+        if fd is None:
+            fd = os.memfd_create("levit-ring", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd, self.size = fd, size
+        self.map = mmap.mmap(fd, size)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_memory, (reduction.DupFd(self.fd), self.size)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def _rebuild_memory(dup: Any, size: int) -> Memory:
+    return Memory(size, dup.detach())
+
+
 @dataclass(frozen=True)
 class RingSpec:
-    """Sizes that fix the segment's layout; picklable, so spawned processes can attach."""
+    """Sizes that fix the segment's layout; picklable."""
 
-    name: str
     u8_slots: int
     f32_slots: int
     frontends: int
@@ -122,6 +149,7 @@ class Pipes:
     free_f32_r: Connection
     free_f32_w: Connection
     results: list[tuple[Connection, Connection]]  # per front-end: (reader, writer)
+    memory: Memory | None = None  # the segment itself, set by `Ring.create`
 
 
 def make_pipes(frontends: int) -> Pipes:
@@ -171,12 +199,13 @@ class Ring:
     def __init__(self, spec: RingSpec, pipes: Pipes, create: bool = False) -> None:
         self.spec = spec
         self.pipes = pipes
-        size = segment_bytes(spec)
-        self._shm = shared_memory.SharedMemory(name=spec.name, create=create, size=size if create else 0)
-        self._owner = create
+        if create:
+            pipes.memory = Memory(segment_bytes(spec))
+        assert pipes.memory is not None, "no shared segment: Ring.create makes it"
+        self.memory = pipes.memory
         offsets, _ = _layout(spec)
         self.arrays: dict[str, np.ndarray] = {
-            name: np.ndarray(shape, dtype, self._shm.buf, offset) for name, (offset, dtype, shape) in offsets.items()
+            name: np.ndarray(shape, dtype, self.memory.map, offset) for name, (offset, dtype, shape) in offsets.items()
         }
         a = self.arrays
         self.gen, self.state, self.holder, self.cancelled = a["gen"], a["state"], a["holder"], a["cancelled"]
@@ -282,6 +311,4 @@ class Ring:
         self.gen = self.state = self.holder = self.cancelled = None  # type: ignore[assignment]
         self.owner = self.owner_epoch = self.probs = self.u8 = self.f32 = None  # type: ignore[assignment]
         self.instance_state = self.instance_epoch = self.instance_pid = None  # type: ignore[assignment]
-        self._shm.close()
-        if self._owner:
-            self._shm.unlink()
+        self.memory.close()
