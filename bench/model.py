@@ -137,11 +137,12 @@ def build_paths(train: nn.Module, cores: int, explore: bool) -> list[Path]:
         Path("fused, eager, MKL linears", fused, cores),
         Path("fused, eager, MKL linears, channels-last stem", channels_last_stem(fused), cores),
         Path("Engine trace (trace+freeze, MKL linears)", Engine(fuse(train), "trace", max_batch_size=32), cores),
-        Path("Engine eager (oneDNN linears)", Engine(fuse(train), "eager", max_batch_size=32), cores),
+        Path("Engine eager (oneDNN linears)", Engine(fuse(train), "eager", 32, linears="onednn"), cores),
     ]
     if kind == "compile":
         paths.append(Path("compile, MKL linears (Engine before cc1cf5c)", inductor(fused), cores, note=BEFORE))
-    paths.append(Path(DEFAULT_ENGINE, auto, cores, note=f"= {kind}"))
+        paths.append(Path("compile, oneDNN linears", Engine(fuse(train), "compile", 32, linears="onednn"), cores))
+    paths.append(Path(DEFAULT_ENGINE, auto, cores, note=f"= {kind}, {auto.linears} linears (measured at start)"))
     if cores > 1:
         paths.append(Path(f"{DEFAULT_ENGINE}, 1 thread", auto, 1, note=f"= {kind}"))
     paths.append(Path("fused, eager, bf16 autocast", autocast_bf16(fused), cores, approximate=True))

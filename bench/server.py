@@ -218,7 +218,7 @@ class ServerProcess:
 class ModelOnly:
     """The server's engine (same variant, random weights, kind, max batch size, threads) in this process."""
 
-    def __init__(self, model: str, engine: str, max_batch_size: int, threads: int) -> None:
+    def __init__(self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto") -> None:
         import torch
 
         from model.engine import Engine
@@ -228,7 +228,8 @@ class ModelOnly:
         self.torch = torch
         self.threads = threads
         torch.set_num_threads(threads)
-        self.engine = Engine(fuse(random_model(model)), engine, max_batch_size)
+        linears = linears if linears in ("onednn", "mkl") else "auto"
+        self.engine = Engine(fuse(random_model(model)), engine, max_batch_size, linears=linears)
         sizes = {1, max_batch_size, max(1, max_batch_size // 2)}
         self.batches = sorted(sizes)
         gen = torch.Generator().manual_seed(0)
@@ -592,8 +593,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server {name} ({' '.join(f'{k}={v}' for k, v in configs[name].items()) or 'defaults'}): pid "
                   f"{server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)  # fmt: skip
             print(f"ready after {server.wait_ready():.1f}s; {server_topology(server)}", flush=True)
-        model = ModelOnly(args.model, args.engine or "auto", args.max_batch_size, threads)
-        print(f"model-only engine: {model.engine.kind}, batch sizes {model.batches}", flush=True)
+        linears = model_info(next(iter(servers.values())))["linears"]  # the first server's measured choice
+        model = ModelOnly(args.model, args.engine or "auto", args.max_batch_size, threads, linears)
+        print(
+            f"model-only engine: {model.engine.kind} ({model.engine.linears} linears), batch sizes {model.batches}",
+            flush=True,
+        )
         decode = {name: decode_ms(payloads, 0.5 if args.quick else 1.0) for name, payloads in sets.items()}
         print("decode + preprocess, 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in decode.items()), flush=True)
         record = py_spy_recorder(args.py_spy, server.pid, seconds + args.warmup, args.py_spy_args.split())
@@ -639,14 +644,18 @@ def parse_configs(text: str) -> dict[str, dict[str, str]]:
     return configs
 
 
-def server_topology(server: ServerProcess) -> str:
+def model_info(server: ServerProcess) -> dict:
     import json
 
     with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v1/model", timeout=10) as response:
-        info = json.loads(response.read())
+        return json.loads(response.read())
+
+
+def server_topology(server: ServerProcess) -> str:
+    info = model_info(server)
     i = info.get("instances", {})
     return (
-        f"engine {info['engine']}, {i.get('kind')}: {i.get('workers')} front-end(s), "
+        f"engine {info['engine']} ({info.get('linears')} linears), {i.get('kind')}: {i.get('workers')} front-end(s), "
         f"{i.get('count')} instance(s) x {i.get('threads')} threads"
     )
 

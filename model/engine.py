@@ -7,8 +7,10 @@ at warm-up. `trace` (TorchScript trace + freeze) needs no C++ compiler; `eager` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -19,6 +21,8 @@ from model.configs import IMAGE_SIZE
 from model.fuse import FusedLeViT
 
 EngineKind = Literal["auto", "compile", "trace", "eager"]
+LinearKind = Literal["auto", "onednn", "mkl"]
+LINEAR_TRIALS = 5  # interleaved timings per candidate at warm-up; the median decides
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +61,36 @@ def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def _median_ms(run: Callable[[], object], trials: int) -> float:
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        run()
+        times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def pick_linears(model: nn.Module, batch: int, trials: int = LINEAR_TRIALS) -> tuple[str, dict[str, float]]:
+    """Time the model's eager forward with oneDNN and with MKL linears on this CPU; the faster wins.
+
+    Which library is faster depends on the CPU: oneDNN's JIT kernels ran 2x MKL's sgemm on an AMD Zen 4
+    (AVX-512 with bf16), but compiled MKL linears beat them on an Intel Xeon without bf16 (1.53x against
+    1.32x the training form). The eager forms differ only in the linears, so they rank the two in about
+    a second, before anything is compiled. Trials are interleaved so machine noise hits both alike.
+    """
+    candidates = {"onednn": onednn_linears(copy.deepcopy(model)), "mkl": model}
+    x = torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for module in candidates.values():
+            module(x)  # first call: allocations, oneDNN kernel generation
+        for _ in range(trials):
+            for name, module in candidates.items():
+                times[name].append(_median_ms(lambda m=module: m(x), 1))
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return min(medians, key=medians.__getitem__), medians
+
+
 def resolve_kind(kind: EngineKind, device: torch.device) -> EngineKind:
     """`auto`: compile where Inductor can build kernels (a C++ compiler on CPU), else trace."""
     if kind != "auto":
@@ -76,17 +110,32 @@ class Engine:
         max_batch_size: int = 16,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        linears: LinearKind = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.kind = resolve_kind(kind, self.device)
         self.max_batch_size = max_batch_size
         self.model = model.to(self.device, dtype).eval()
-        onednn = self.device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        if onednn and self.kind != "trace":  # TorchScript cannot trace the oneDNN op's optional-scalar list
+        self.linears, self.linear_ms = self._choose_linears(linears)
+        if self.linears == "onednn":
             self.model = onednn_linears(self.model)
         self.buckets = bucket_sizes(max_batch_size) if self.kind == "compile" else ()
         self._run = self._build()
+
+    def _choose_linears(self, wanted: LinearKind) -> tuple[str, dict[str, float]]:
+        """CPU fp32 linears: oneDNN or MKL, by measurement unless set; "default" elsewhere."""
+        onednn = self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if not onednn:
+            return "default", {}
+        if self.kind == "trace":  # TorchScript cannot trace the oneDNN op's optional-scalar list
+            return "mkl", {}
+        if wanted != "auto":
+            return wanted, {}
+        choice, medians = pick_linears(self.model, min(self.max_batch_size, 16))
+        log.info("linears: %s (eager batch forward, median ms: %s)", choice,
+                 ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))  # fmt: skip
+        return choice, medians
 
     def _build(self) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.kind == "eager":

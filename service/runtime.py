@@ -49,7 +49,9 @@ class ModelRuntime:
         )
         self.params = count_params(trained)
         self.macs = count_macs(self.config)
-        self.engine = Engine(fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype)
+        self.engine = Engine(
+            fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype, settings.linears
+        )
         log.info(
             "loaded %s (%s) on %s/%s engine=%s in %.1fs",
             self.config.name, self.weights.id, self.device, settings.dtype, self.engine.kind,
@@ -84,6 +86,7 @@ class ModelRuntime:
             "device": str(self.device),
             "dtype": s.dtype,
             "engine": self.engine.kind,
+            "linears": self.engine.linears,
             "instances": {
                 "kind": s.instance_kind,
                 "count": s.instances or 1,

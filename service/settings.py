@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
+    linears: Literal["auto", "onednn", "mkl"] = Field(
+        "auto", description="CPU fp32 linear layers: auto = whichever of oneDNN and MKL is faster here, timed at start"
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="images per model call")
     max_batch_delay_ms: float = Field(
         50.0, ge=0, le=60_000, description="longest a batch stays open for more images while the model is busy"

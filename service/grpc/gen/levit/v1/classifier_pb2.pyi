@@ -79,7 +79,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching", "instances")
+    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching", "instances", "linears")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class ModelInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    LINEARS_FIELD_NUMBER: _ClassVar[int]
     name: str
     weights: Weights
     parameters: int
@@ -102,7 +103,8 @@ class ModelInfo(_message.Message):
     engine: str
     batching: Batching
     instances: Instances
-    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ...) -> None: ...
+    linears: str
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ..., linears: _Optional[str] = ...) -> None: ...
 
 class Instances(_message.Message):
     __slots__ = ("kind", "count", "threads", "workers")
