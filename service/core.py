@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,18 @@ from service.settings import Settings
 from service.threads import named_pool
 
 log = logging.getLogger(__name__)
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+_MILLISECONDS = re.compile(r"\s*[0-9]{1,12}\s*")
+
+
+def timeout_header(value: str | None) -> int | None:
+    """The X-Request-Timeout-Ms header (HTTP, /classify and /v2 alike), for `Service.deadline`: a positive
+    number of milliseconds, or 400 bad_request."""
+    if value is None:
+        return None
+    if not _MILLISECONDS.fullmatch(value) or int(value) < 1:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive integer (milliseconds), got {value[:40]!r}")
+    return int(value)
 
 
 class Phase(enum.Enum):
@@ -108,13 +121,18 @@ class Service:
                 log.warning("no model instance can serve: not ready until one is back")
             self.phase = phase
 
-    def deadline(self, timeout_ms: float | None) -> float:
-        """Client-provided timeout, capped by nothing but sanity; the default comes from settings."""
-        if timeout_ms is None:
-            timeout_ms = self.settings.request_timeout_ms
-        if timeout_ms <= 0:
-            raise BadRequest(f"timeout must be positive, got {timeout_ms} ms")
-        return time.monotonic() + timeout_ms / 1000
+    def deadline(self, *timeouts_ms: float | None, stream: bool = False) -> float:
+        """The one deadline constructor: a `time.monotonic()` instant.
+
+        `timeouts_ms` are what the request asks for (the X-Request-Timeout-Ms header, a protocol's timeout
+        parameter, the gRPC deadline; None where not given): the shortest wins; none given, the server's
+        LEVIT_REQUEST_TIMEOUT_MS. A request on a stream (`stream`), whose own deadline bounds the whole stream,
+        gets at most the server's default as well.
+        """
+        given = [timeout for timeout in timeouts_ms if timeout is not None]
+        if stream or not given:
+            given.append(self.settings.request_timeout_ms)
+        return time.monotonic() + min(given) / 1000
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.top_k if k is None else k
@@ -122,8 +140,10 @@ class Service:
             raise BadRequest(f"k must be between 1 and {self.settings.max_top_k}, got {k}")
         return k
 
-    def check_capacity(self) -> None:
-        """The cheap admission check, before a request's body is even read: overload is refused in microseconds."""
+    def admit(self) -> None:
+        """The one admission path, first in every protocol's request handler, before its body is read or
+        parsed: overload, loading and draining are refused in microseconds. (`probabilities` checks again
+        with the request's image count, before decoding.)"""
         self._admit(1)
 
     def _admit(self, count: int) -> ModelBackend:

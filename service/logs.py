@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+MAX_REQUEST_ID = 256  # characters of a client's request id the server keeps (logs, headers, echoed ids)
+_SAFE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID}}}")
+
+
+def request_id_for(*given: str | None) -> str:
+    """The id of a request in the logs and the X-Request-Id header, every protocol alike: the first id the
+    client gave that is 1..MAX_REQUEST_ID characters of [A-Za-z0-9._:-], else a fresh one."""
+    for candidate in given:
+        if isinstance(candidate, str) and _SAFE_ID.fullmatch(candidate):
+            return candidate
+    return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def bound(rid: str) -> Iterator[None]:
+    """Log records made inside carry `rid`."""
+    token = request_id.set(rid)
+    try:
+        yield
+    finally:
+        request_id.reset(token)
 
 
 class _RequestIdFilter(logging.Filter):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -52,6 +54,27 @@ IMAGES_DROPPED = Counter(
 )
 for _reason in ("cancelled", "deadline"):
     IMAGES_DROPPED.labels(_reason)
+
+
+access_log = logging.getLogger("levit.access")
+
+
+class Observation:
+    """One request in levit_inflight_requests{protocol} and levit_request_duration_seconds{protocol, route,
+    status}, and its access-log line: every protocol (HTTP, gRPC, v2 over either) observes through here.
+    Started when made; `finish` once, with the status as the metrics label it ("200", "OK")."""
+
+    def __init__(self, protocol: str, route: str, what: str) -> None:
+        self.protocol, self.route, self.what = protocol, route, what  # `what`: the request in the log line
+        self._inflight = INFLIGHT.labels(protocol)
+        self._inflight.inc()
+        self._start = time.perf_counter()
+
+    def finish(self, status: str) -> None:
+        elapsed = time.perf_counter() - self._start
+        self._inflight.dec()
+        REQUEST_LATENCY.labels(self.protocol, self.route, status).observe(elapsed)
+        access_log.info("%s -> %s in %.1f ms", self.what, status, elapsed * 1000)
 
 
 _BEFORE_READ: list[Callable[[], None]] = []

@@ -29,11 +29,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from service.client import ClientError, GrpcClient, HttpClient
 from service.client import cli as client_cli
-from service.errors import REJECTION_BY_CODE
+from service.errors import OUTCOMES
 from service.grpc import codegen
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
-from service.grpc.status import STATUS_BY_CODE
 from service.runtime import ModelRuntime
 from service.server import Server
 from service.settings import Settings
@@ -186,7 +185,7 @@ def test_checked_in_stubs_are_what_make_proto_generates(tmp_path: Path) -> None:
 
 
 def test_every_error_code_has_a_grpc_status() -> None:
-    assert set(REJECTION_BY_CODE) <= set(STATUS_BY_CODE)
+    assert all(isinstance(grpc.StatusCode[outcome.grpc], grpc.StatusCode) for outcome in OUTCOMES.values())
 
 
 # --- results -------------------------------------------------------------------------------------------------
@@ -367,7 +366,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("files", "k", "status", "reason", "needle"), BAD_REQUESTS)
 def test_bad_requests_get_status_codes(live: Live, files, k, status, reason, needle) -> None:
-    rejection = REJECTION_BY_CODE[reason]
+    rejection = OUTCOMES[reason].reason
     before = count(live.url, "levit_rejections_total", reason=rejection)
     error = grpc_error(live.stub.Classify, request(files, k), timeout=30)
     assert error.code().name == status and needle in error.details() and reason_of(error) == reason

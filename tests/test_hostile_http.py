@@ -71,7 +71,8 @@ REQUEST_CASES = [
     ("k=-1", dict(files=[("img", ("a.jpg", CAT))], params={"k": -1}), 422, "k"),
     ("k=1001", dict(files=[("img", ("a.jpg", CAT))], params={"k": 1001}), 422, "k"),
     ("k=abc", dict(files=[("img", ("a.jpg", CAT))], params={"k": "abc"}), 422, "k"),
-    ("bad timeout header", dict(files=[("img", ("a.jpg", CAT))], headers={"X-Request-Timeout-Ms": "soon"}), 422, ""),
+    ("bad timeout header", dict(files=[("img", ("a.jpg", CAT))], headers={"X-Request-Timeout-Ms": "soon"}), 400, "Ms"),
+    ("zero timeout header", dict(files=[("img", ("a.jpg", CAT))], headers={"X-Request-Timeout-Ms": "0"}), 400, "Ms"),
     ("huge header", dict(files=[("img", ("a.jpg", CAT))], headers={"X-Junk": "a" * 100_000}), 431, "header"),
 ]
 

@@ -17,23 +17,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.core import Phase, Service
+from service.grpc import inference as v2
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from service.grpc.servicer import SERVICE_NAME, STREAM_METHOD, ClassifierServicer
 from service.grpc.status import Observed
-from service.v2 import servicer as v2
 
 # "", "levit.v1.Classifier" and "inference.GRPCInferenceService"
 HEALTH_NAMES = (health.OVERALL_HEALTH, SERVICE_NAME, v2.SERVICE_NAME)
 
 
 class MetricsInterceptor(aio.ServerInterceptor):
-    """Latency histogram, status and in-flight gauge for every RPC, like the HTTP middleware.
+    """Latency histogram, status and in-flight gauge for every RPC, like the HTTP middleware; `protocol` is
+    "v2-grpc" for inference.GRPCInferenceService, "grpc" for the rest.
 
-    ClassifyStream is observed per request on the stream by its handler instead (one observation per
-    classification, whichever the protocol or RPC), so a long-lived stream is not one hours-long "request".
+    The bidirectional streams (ClassifyStream, ModelStreamInfer) are observed per request on the stream by their
+    handlers instead (one observation per classification, whichever the protocol or RPC), so a long-lived stream
+    is not one hours-long "request".
     """
 
-    def __init__(self, per_message: frozenset[str] = frozenset({STREAM_METHOD})) -> None:
+    def __init__(self, per_message: frozenset[str] = frozenset({STREAM_METHOD, v2.STREAM_METHOD})) -> None:
         self.per_message = per_message
 
     async def intercept_service(
@@ -45,23 +47,24 @@ class MetricsInterceptor(aio.ServerInterceptor):
         if handler is None or details.method in self.per_message:
             return handler
         kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        return handler._replace(**{kind: _observed(getattr(handler, kind), details.method)})
+        protocol = v2.PROTOCOL if details.method in v2.METHODS else "grpc"
+        return handler._replace(**{kind: _observed(getattr(handler, kind), details.method, protocol)})
 
 
-def _observed(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _observed(behavior: Callable[..., Any], method: str, protocol: str) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: aio.ServicerContext) -> Any:
-            with Observed(method, context):
+            with Observed(method, context, protocol):
                 async for response in behavior(request, context):
                     yield response
 
         return stream
     if not inspect.iscoroutinefunction(behavior):
-        return behavior  # a synchronous handler (none here): left alone
+        return behavior  # a synchronous handler (Triton's RPCs this server does not implement): left alone
 
     async def call(request: Any, context: aio.ServicerContext) -> Any:
-        with Observed(method, context):
+        with Observed(method, context, protocol):
             return await behavior(request, context)
 
     return call
@@ -90,7 +93,7 @@ class GrpcServer:
         self._loop = asyncio.get_running_loop()
         limit = self.settings.max_upload_bytes  # the HTTP body limit: the same images fit either protocol
         server = aio.server(
-            interceptors=[MetricsInterceptor(frozenset({STREAM_METHOD, *v2.METHODS}))],  # v2 observes its own
+            interceptors=[MetricsInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", -1),

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,15 +11,13 @@ from grpc import aio
 
 from service import logs
 from service.core import Service, Upload
-from service.errors import NotReady, ServiceError
+from service.errors import NotReady
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
-from service.grpc.status import Observed, abandoned, abort, reject
+from service.grpc.status import Observed, answer, timeout_ms
 from service.grpc.streams import Write, respond, serve_stream, stream_window
-from service.imaging import ImageError
 from service.results import ImageResult
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # "levit.v1.Classifier"
 STREAM_METHOD = f"/{SERVICE_NAME}/ClassifyStream"
 
@@ -36,15 +31,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     # --- translations -------------------------------------------------------------------------------------
 
-    def _deadline(self, context: aio.ServicerContext) -> float:
-        """The gRPC deadline when the client set one, else the server's default request timeout."""
-        remaining = context.time_remaining()
-        default = self.service.deadline(None)
-        return default if remaining is None else time.monotonic() + remaining
-
     def _response(self, request: pb.ClassifyRequest, results: list[ImageResult]) -> pb.ClassifyResponse:
         return pb.ClassifyResponse(
-            request_id=request.request_id,
+            request_id=request.request_id[: logs.MAX_REQUEST_ID],
             model=pb.ModelRef(name=self.settings.model, weights=self.service.weights_id),
             results=[
                 pb.ImageResult(
@@ -57,36 +46,24 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             ],
         )
 
-    async def _classify(self, request: pb.ClassifyRequest, deadline: float) -> pb.ClassifyResponse:
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: aio.ServicerContext, stream: bool = False
+    ) -> pb.ClassifyResponse:
+        self.service.admit()
+        deadline = self.service.deadline(timeout_ms(context), stream=stream)
         uploads = [Upload(image.filename or f"image {i}", image.data) for i, image in enumerate(request.images)]
         k = request.top_k if request.HasField("top_k") else None
         return self._response(request, await self.service.classify(uploads, k, deadline))
 
     @staticmethod
     def _request_id(request: pb.ClassifyRequest, context: aio.ServicerContext) -> str:
-        if request.request_id:
-            return request.request_id[:64]
-        given = dict(context.invocation_metadata() or ()).get("x-request-id")
-        return given[:64] if isinstance(given, str) and given else uuid.uuid4().hex
+        return logs.request_id_for(request.request_id, dict(context.invocation_metadata() or ()).get("x-request-id"))
 
     # --- RPCs ----------------------------------------------------------------------------------------------
 
     async def Classify(self, request: pb.ClassifyRequest, context: aio.ServicerContext) -> pb.ClassifyResponse:
-        token = logs.request_id.set(self._request_id(request, context))
-        try:
-            return await self._classify(request, self._deadline(context))
-        except (ServiceError, ImageError) as error:
-            await abort(context, reject(error), error.message, error.code)
-        except asyncio.CancelledError:
-            # grpc.aio cancels this task when the client goes away or the deadline passes; the cancellation
-            # reached the batcher, which drops this request's queued images before compute.
-            abandoned(context)
-            raise
-        except Exception as error:
-            log.exception("unhandled error")
-            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", "internal")
-        finally:
-            logs.request_id.reset(token)
+        with logs.bound(self._request_id(request, context)):
+            return await answer(context, lambda: self._classify(request, context))
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: aio.ServicerContext
@@ -96,25 +73,20 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def _stream_one(self, request: pb.ClassifyRequest, context: aio.ServicerContext, write: Write) -> None:
         """One request of a stream, observed in the metrics as one request of route STREAM_METHOD."""
-        token = logs.request_id.set(self._request_id(request, context))
-
-        async def compute() -> pb.ClassifyResponse:
-            return await self._classify(request, min(self._deadline(context), self.service.deadline(None)))
 
         def failed(status: grpc.StatusCode, message: str, reason: str) -> pb.ClassifyResponse:
             error = pb.Error(code=status.value[0], message=message, reason=reason)
-            return pb.ClassifyResponse(request_id=request.request_id, error=error)
+            return pb.ClassifyResponse(request_id=request.request_id[: logs.MAX_REQUEST_ID], error=error)
 
-        try:
-            with Observed(STREAM_METHOD, context) as observed:
-                await respond(observed, context, compute, reject, failed, write)
-        finally:
-            logs.request_id.reset(token)
+        with logs.bound(self._request_id(request, context)), Observed(STREAM_METHOD, context) as observed:
+            await respond(observed, context, lambda: self._classify(request, context, stream=True), failed, write)
 
     async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext) -> pb.ModelInfo:
+        return await answer(context, self._model_info)
+
+    async def _model_info(self) -> pb.ModelInfo:
         if self.service.model_info is None:
-            error = NotReady("model is still loading")
-            await abort(context, reject(error), error.message, error.code)
+            raise NotReady("model is still loading")
         return model_info(self.service.model_info)
 
 

@@ -15,9 +15,8 @@ from typing import TypeVar
 import grpc
 from grpc import aio
 
-from service.errors import ServiceError
-from service.grpc.status import Observed, abandoned, abort
-from service.imaging import ImageError
+from service.errors import OUTCOMES, Refusal
+from service.grpc.status import Observed, abort, settle, status_of
 
 log = logging.getLogger(__name__)
 SHUTTING_DOWN = "server is shutting down; retry on another replica"
@@ -86,28 +85,19 @@ async def serve_stream(
         for task in tasks:  # the stream was cancelled (client gone, deadline): so is its queued work
             task.cancel()
     if shutting_down:
-        await abort(context, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, "draining")
+        await abort(context, OUTCOMES["draining"], SHUTTING_DOWN)
 
 
 async def respond(
     observed: Observed,
     context: aio.ServicerContext,
     compute: Callable[[], Awaitable[Response]],
-    status_of: Callable[[ServiceError | ImageError], grpc.StatusCode],
     failed: Failed,
     write: Write,
 ) -> None:
     """One request of a stream: its response, or an error response for it alone (the stream goes on)."""
-    try:
-        response = await compute()
-    except (ServiceError, ImageError) as error:
-        observed.status = status_of(error)
-        response = failed(observed.status, error.message, error.code)
-    except asyncio.CancelledError:
-        observed.status = abandoned(context)
-        raise
-    except Exception as error:
-        log.exception("unhandled error")
-        observed.status = grpc.StatusCode.INTERNAL
-        response = failed(observed.status, f"internal error: {type(error).__name__}", "internal")
+    response = await settle(context, compute)
+    if isinstance(response, Refusal):
+        observed.status = status_of(response.outcome)
+        response = failed(observed.status, response.message, response.outcome.code)
     await write(response)

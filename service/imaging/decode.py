@@ -1,7 +1,7 @@
 """Untrusted upload bytes to an RGB PIL image that `model.transforms.preprocess` accepts.
 
-Everything a client can get wrong ends as an `ImageError` subclass carrying the HTTP status, a
-machine code and a sentence naming the file, so the HTTP and gRPC layers only translate it.
+Everything a client can get wrong ends as an `ImageError` subclass (a `service.errors.ServiceError`)
+carrying a machine code and a sentence naming the file, so the HTTP and gRPC layers only translate it.
 No Pillow global (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) is changed and nothing is shared between
 calls, so the functions are safe to call concurrently from a thread pool (Pillow releases the GIL
 while decoding and resizing).
@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 import struct
 from io import BytesIO
-from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from model.transforms import RESIZE_SHORT_SIDE, crop_pixels, preprocess
+from service.errors import ServiceError
 from service.imaging.truncation import load_complete
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})  # MPO: multi-picture JPEG
@@ -53,14 +53,11 @@ _FULL_SCALES = {"F": (1.0, 255.0, 65535.0), "I": (255.0, 65535.0)}  # see _gray_
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white, as a browser shows them on a page
 
 
-class ImageError(Exception):
-    """Client's fault; carries what the HTTP/gRPC layers need."""
-
-    status: ClassVar[int]
-    code: ClassVar[str]
+class ImageError(ServiceError):
+    """Client's fault: a code of service.errors.OUTCOMES (which gives the HTTP and gRPC statuses) and a sentence."""
 
     def __init__(self, filename: str, message: str) -> None:
-        super().__init__(filename, message)  # both in args, so the error pickles and re-raises intact
+        Exception.__init__(self, filename, message)  # both in args, so the error pickles and re-raises intact
         self.filename = filename
         self.message = message
 
@@ -69,23 +66,20 @@ class ImageError(Exception):
 
 
 class ImageTooLarge(ImageError):
-    """More pixels than the server is configured to decode."""
+    """More pixels than the server is configured to decode (413)."""
 
-    status = 413
     code = "image_too_large"
 
 
 class UnsupportedImage(ImageError):
-    """Not an image, or a format outside SUPPORTED_FORMATS."""
+    """Not an image, or a format outside SUPPORTED_FORMATS (415)."""
 
-    status = 415
     code = "unsupported_image"
 
 
 class CorruptImage(ImageError):
-    """A supported format whose data is truncated, damaged or empty of pixels."""
+    """A supported format whose data is truncated, damaged or empty of pixels (422)."""
 
-    status = 422
     code = "corrupt_image"
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -18,14 +17,13 @@ from starlette.types import ASGIApp
 from swagger_ui_bundle import swagger_ui_path
 
 from service import metrics
-from service.core import Service, Upload
-from service.errors import REJECTION_BY_CODE, BadRequest, NotReady, PayloadTooLarge, ServiceError
-from service.imaging import ImageError
+from service.core import TIMEOUT_HEADER, Service, Upload, timeout_header
+from service.errors import OUTCOMES, BadRequest, NotReady, Outcome, PayloadTooLarge, ServiceError, refuse
 from service.rest import page
-from service.rest.middleware import RequestContext
+from service.rest.middleware import RequestContext, error_json, unless_disconnected
 from service.rest.schemas import ClassifyOut, ErrorOut, Health
+from service.rest.v2 import create_router as v2_router
 from service.results import Classification
-from service.v2.rest import create_router as v2_router
 
 log = logging.getLogger(__name__)
 ROUTES = frozenset(
@@ -46,6 +44,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 _BODY_DOC = {
+    "parameters": [
+        {
+            "name": TIMEOUT_HEADER,
+            "in": "header",
+            "required": False,
+            "description": "deadline for this request, in milliseconds",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -60,15 +67,13 @@ _BODY_DOC = {
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    reason = REJECTION_BY_CODE.get(code)
-    if reason:
-        metrics.REJECTIONS.labels(reason).inc()
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def error_response(outcome: Outcome, message: str, status: int | None = None) -> JSONResponse:
+    status_code, body = error_json(outcome, message)
+    return JSONResponse(body, status_code=status or status_code, headers=outcome.headers)
 
 
 def _filename(upload: UploadFile | str, index: int) -> str:
@@ -102,11 +107,6 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
         await form.close()
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def create_app(service: Service) -> ASGIApp:
     settings = service.settings
     app = FastAPI(
@@ -118,55 +118,38 @@ def create_app(service: Service) -> ASGIApp:
     )
     app.mount("/static/swagger", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if error.status == 503 else None
-        return error_response(error.status, error.code, error.message, headers)
+    async def _refused(_: Request, error: Exception) -> JSONResponse:
+        refusal = refuse(error)
+        return error_response(refusal.outcome, refusal.message)
 
-    @app.exception_handler(ImageError)
-    async def _image_error(_: Request, error: ImageError) -> JSONResponse:
-        return error_response(error.status, error.code, error.message)
+    app.add_exception_handler(ServiceError, _refused)  # image errors included
+    app.add_exception_handler(Exception, _refused)  # anything unexpected: 500 internal, logged
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_response(422, "invalid_parameter", problems)
+        OUTCOMES["invalid_parameter"].count()
+        return error_response(OUTCOMES["invalid_parameter"], problems)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, error: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
-        if code == "bad_request":
-            metrics.REJECTIONS.labels("bad_input").inc()
-        body = {"error": {"code": code, "message": str(error.detail)}}
-        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal", f"internal error: {type(error).__name__}")
+        outcome = OUTCOMES[{404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")]
+        outcome.count()
+        response = error_response(outcome, str(error.detail), error.status_code)
+        response.headers.update(error.headers or {})
+        return response
 
     @app.post("/classify", response_model=ClassifyOut, responses=_ERRORS, openapi_extra=_BODY_DOC)
     async def classify(
         request: Request,
         k: Annotated[int | None, Query(ge=1, le=1000, description="number of predictions per image")] = None,
-        timeout_ms: Annotated[
-            int | None, Header(alias="X-Request-Timeout-Ms", ge=1, description="deadline for this request")
-        ] = None,
     ) -> JSONResponse:
         """Classify one or more images: multipart field `img` (repeatable) or a raw `image/*` body."""
+        service.admit()
         service.check_k(k)
-        service.check_capacity()
-        deadline = service.deadline(timeout_ms)
+        deadline = service.deadline(timeout_header(request.headers.get(TIMEOUT_HEADER)))
         uploads = await read_uploads(request, settings.max_images_per_request)
-        work = asyncio.ensure_future(service.classify(uploads, k, deadline))
-        gone = asyncio.ensure_future(_until_disconnect(request))
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()  # client went away: its queued images are dropped before compute
-            metrics.REJECTIONS.labels("cancelled").inc()
-            return error_response(499, "cancelled", "client closed the request")
-        gone.cancel()
-        results = work.result()
+        results = await unless_disconnected(request, service.classify(uploads, k, deadline))
         weights = service.weights_id
         # Built as plain JSON: ClassifyOut documents this shape, validating it again per request costs ~10%.
         return JSONResponse(Classification(settings.model, weights, results).to_json())

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, latency metrics, in-flight gauge and the upload size limit.
+"""Pure ASGI middleware: request ids, latency metrics, in-flight gauge and the upload size limit; and the
+HTTP side of the error vocabulary (`error_json`) and of the client-disconnect race (`unless_disconnected`).
 
 Pure ASGI (not BaseHTTPMiddleware) so the body streams through untouched and client disconnects
 stay visible to the handlers.
@@ -8,26 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import re
-import time
-import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
-from service.errors import PayloadTooLarge, RequestTimeout
-from service.logs import request_id
-from service.v2 import routes as v2
+from service import logs, metrics
+from service.errors import OUTCOMES, Cancelled, Outcome, PayloadTooLarge, RequestTimeout
+from service.rest import v2_routes as v2
 
-log = logging.getLogger("levit.access")
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_HEADER_BYTES = 32 * 1024  # uvicorn's httptools parser sets no limit of its own
+T = TypeVar("T")
 
 
-def error_body(code: str, message: str, v2_form: bool = False) -> bytes:
-    """The API's error JSON; under /v2 the Open Inference Protocol's `{"error": message}`."""
-    return json.dumps({"error": message} if v2_form else {"error": {"code": code, "message": message}}).encode()
+def error_json(outcome: Outcome, message: str, v2_form: bool = False) -> tuple[int, dict]:
+    """An outcome as HTTP renders it: the status, and the API's error JSON `{"error": {"code", "message"}}`;
+    under /v2 the Open Inference Protocol's status and `{"error": message}`."""
+    if v2_form:
+        return outcome.v2_http or outcome.http, {"error": message}
+    return outcome.http, {"error": {"code": outcome.code, "message": message}}
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client goes away first: then `work` is cancelled (its queued images are
+    dropped before compute) and the request ends as 499 `cancelled`."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        raise Cancelled("client closed the request")
+    gone.cancel()
+    return task.result()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class RequestContext:
@@ -45,17 +64,13 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _VALID_ID.match(given) else uuid.uuid4().hex
-        token = request_id.set(rid)
+        rid = logs.request_id_for(headers.get(b"x-request-id", b"").decode("latin-1"))
         path = scope["path"]
         v2_form = v2.is_v2(path)
         protocol = v2.PROTOCOL if v2_form else self.protocol
         route = v2.route_label(path) if v2_form else path if path in self.routes else "other"
         status = 500
-        start = time.perf_counter()
-        inflight = metrics.INFLIGHT.labels(protocol)
-        inflight.inc()
+        observation = metrics.Observation(protocol, route, f"{scope['method']} {path}")
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -64,25 +79,22 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        try:
-            header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
-            if header_bytes > MAX_HEADER_BYTES:
-                message = f"request headers of {header_bytes} bytes exceed the {MAX_HEADER_BYTES} byte limit"
-                await self._reject(431, "headers_too_large", message, send_wrapper, v2_form)
-                return
-            declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-                message = f"request body of {int(declared)} bytes exceeds the {self.max_body_bytes} byte limit"
-                await self._discard(receive, int(declared))
-                await self._reject(413, "payload_too_large", message, send_wrapper, v2_form)
-                return
-            await self.app(scope, self._limited(receive), send_wrapper)
-        finally:
-            elapsed = time.perf_counter() - start
-            inflight.dec()
-            metrics.REQUEST_LATENCY.labels(protocol, route, str(status)).observe(elapsed)
-            log.info("%s %s -> %d in %.1f ms", scope["method"], path, status, elapsed * 1000)
-            request_id.reset(token)
+        with logs.bound(rid):
+            try:
+                header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+                if header_bytes > MAX_HEADER_BYTES:
+                    message = f"request headers of {header_bytes} bytes exceed the {MAX_HEADER_BYTES} byte limit"
+                    await self._reject(OUTCOMES["headers_too_large"], message, send_wrapper, v2_form)
+                    return
+                declared = headers.get(b"content-length")
+                if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                    message = f"request body of {int(declared)} bytes exceeds the {self.max_body_bytes} byte limit"
+                    await self._discard(receive, int(declared))
+                    await self._reject(OUTCOMES["payload_too_large"], message, send_wrapper, v2_form)
+                    return
+                await self.app(scope, self._limited(receive), send_wrapper)
+            finally:
+                observation.finish(str(status))
 
     async def _discard(self, receive: Receive, declared: int) -> None:
         """Read and drop a refused body (up to twice the limit) so the client gets to read our answer.
@@ -102,12 +114,13 @@ class RequestContext:
                 return
 
     @staticmethod
-    async def _reject(status: int, code: str, message: str, send: Send, v2_form: bool = False) -> None:
+    async def _reject(outcome: Outcome, message: str, send: Send, v2_form: bool) -> None:
         """Answer without reading the body, and close: the rest of the upload is never read."""
-        metrics.REJECTIONS.labels("too_large").inc()
+        outcome.count()
+        status, body = error_json(outcome, message, v2_form)
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": error_body(code, message, v2_form)})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
     def _limited(self, receive: Receive) -> Receive:
         """Count streamed bytes (chunked uploads declare no length) and time out stalled uploads."""

@@ -5,7 +5,7 @@ One model (the loaded LeViT variant, also reachable as `levit`), version "1":
            `pixels`         FP32  [N,3,224,224]   images already preprocessed (normalised RGB, NCHW)
   output   `probabilities`  FP32  [N,1000]        softmax; with the output parameter `classification` = k:
                                                   BYTES [N,k] of "score:index:label", best first
-A request carries exactly one of the two inputs. Both transports (service.v2.rest, service.v2.servicer) parse
+A request carries exactly one of the two inputs. Both transports (service.rest.v2, service.grpc.inference) parse
 their wire form into `InputTensor`s and `OutputRequest`s, and everything past that is here: validation (every
 client mistake is a 400 `ProtocolError` or a 404 `ModelNotFound`, never a 500), the hand-over to the shared
 `Service` (same batcher, limits, deadlines and errors as /classify) and the results.
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 from model.configs import IMAGE_SIZE
 from service.core import Service, Upload
 from service.errors import BadRequest, NotReady, ServiceError
+from service.logs import MAX_REQUEST_ID
 from service.runtime import top_k
 from service.settings import Settings
 
@@ -62,7 +63,7 @@ class ProtocolError(BadRequest):
 class ModelNotFound(ServiceError):
     """A model name or version this server does not serve: HTTP 404, gRPC NOT_FOUND."""
 
-    status, code = 404, "model_not_found"
+    code = "model_not_found"
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,6 @@ def results(probabilities: list[torch.Tensor], requested: Sequence[OutputRequest
 class Infer:
     """One parsed inference request, ready to run."""
 
-    MAX_ID: ClassVar[int] = 256
-
     def __init__(
         self,
         service: Service,
@@ -335,7 +334,7 @@ class Infer:
     ) -> None:
         self.service = service
         self.model = model
-        self.id = request_id[: self.MAX_ID]
+        self.id = request_id[:MAX_REQUEST_ID]
         self.requested = outputs(requested, service.settings.max_top_k)  # cheap checks before decoding work
         self.images = images(inputs)
 

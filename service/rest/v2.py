@@ -1,19 +1,17 @@
-"""The `/v2` HTTP routes: health, metadata, Triton's model configuration and inference, JSON or binary tensors.
+"""The `/v2` HTTP routes of the Open Inference Protocol (service.v2): health, metadata, Triton's model
+configuration and inference, JSON or binary tensors.
 
-Errors take the protocol's form, `{"error": "<message>"}`, with the status the same failure has on /classify
-(400 bad request, 404 unknown model or endpoint, 408 stalled upload, 413 too large, 503 queue full, loading or
-draining, 504 deadline, 500 model failure); an image that cannot be decoded is a 400 here (the HTTP body itself
-is fine, one tensor element is not). The routes are left out of /openapi.json: the contract is the protocol's
+Errors take the protocol's form, `{"error": "<message>"}`, with the status of service.errors.OUTCOMES: the
+one /classify has, except that an image that cannot be decoded is a 400 here (the HTTP body itself is fine,
+one tensor element is not). The routes are left out of /openapi.json: the contract is the protocol's
 (docs/v2.md).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import logging
 import zlib
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -23,30 +21,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from service import metrics
-from service.core import Service
-from service.errors import REJECTION_BY_CODE, BadRequest, PayloadTooLarge, ServiceError
-from service.imaging import ImageError
+from service.core import TIMEOUT_HEADER, Service, timeout_header
+from service.errors import OUTCOMES, BadRequest, Outcome, PayloadTooLarge, refuse
+from service.rest.middleware import error_json, unless_disconnected
+from service.rest.v2_routes import template_of
 from service.v2 import protocol
 from service.v2.protocol import InputTensor, OutputRequest, OutputTensor, ProtocolError
-from service.v2.routes import template_of
 
-log = logging.getLogger(__name__)
 HEADER_LENGTH = "inference-header-content-length"
-TIMEOUT_HEADER = "x-request-timeout-ms"
-_IMAGE_STATUS = {415: 400, 422: 400}  # undecodable elements are bad tensor data; 413 (too many pixels) stays
 
 
-def error(status: int, message: str, code: str = "", headers: dict[str, str] | None = None) -> JSONResponse:
-    reason = REJECTION_BY_CODE.get(code)
-    if reason:
-        metrics.REJECTIONS.labels(reason).inc()
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def failure(exc: ServiceError | ImageError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
-    return error(_IMAGE_STATUS.get(exc.status, exc.status), exc.message, exc.code, headers)
+def failure(outcome: Outcome, message: str) -> JSONResponse:
+    """`outcome` in the protocol's form."""
+    status, body = error_json(outcome, message, v2_form=True)
+    return JSONResponse(body, status_code=status, headers=outcome.headers)
 
 
 # --- request decoding -------------------------------------------------------------------------------------------
@@ -222,15 +210,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-def _timeout_header(request: Request) -> float | None:
-    value = request.headers.get(TIMEOUT_HEADER)
-    if value is None:
-        return None
-    if not value.strip().isdigit() or int(value) < 1:
-        raise BadRequest(f"X-Request-Timeout-Ms must be a positive integer (milliseconds), got {value!r}")
-    return int(value)
-
-
 def encode(model: str, request_id: str, tensors: list[OutputTensor], binary_default: bool) -> Response:
     header: dict[str, Any] = {"model_name": model, "model_version": protocol.VERSION}
     if request_id:
@@ -257,11 +236,6 @@ def encode(model: str, request_id: str, tensors: list[OutputTensor], binary_defa
     )
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 class V2Route(APIRoute):
     """Every /v2 route answers in the protocol's error form, whatever goes wrong."""
 
@@ -271,11 +245,9 @@ class V2Route(APIRoute):
         async def guarded(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (ServiceError, ImageError) as exc:
-                return failure(exc)
             except Exception as exc:
-                log.exception("unhandled error")
-                return error(500, f"internal error: {type(exc).__name__}", "internal")
+                refusal = refuse(exc)
+                return failure(refusal.outcome, refusal.message)
 
         return guarded
 
@@ -299,7 +271,7 @@ def create_router(service: Service) -> APIRouter:
     async def ready() -> Response:
         if service.ready:
             return JSONResponse({"ready": True})
-        return error(400, f"server is {service.phase.value}, not ready")  # the protocol's "4xx: false"
+        return failure(OUTCOMES["bad_request"], f"server is {service.phase.value}, not ready")  # "4xx: false"
 
     @router.get("/v2/models/{name}")
     @router.get("/v2/models/{name}/versions/{version}")
@@ -313,7 +285,7 @@ def create_router(service: Service) -> APIRouter:
         model = protocol.resolve(settings, name, version)
         if service.ready:
             return JSONResponse({"name": model, "ready": True})
-        return error(400, f"model '{model}' is not ready: the server is {service.phase.value}")
+        return failure(OUTCOMES["bad_request"], f"model '{model}' is not ready: the server is {service.phase.value}")
 
     @router.get("/v2/models/{name}/config")
     @router.get("/v2/models/{name}/versions/{version}/config")
@@ -325,8 +297,8 @@ def create_router(service: Service) -> APIRouter:
     @router.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str = "") -> Response:
         model = protocol.resolve(settings, name, version)
-        service.check_capacity()  # overload is refused before the body is read
-        header_ms = _timeout_header(request)
+        service.admit()  # overload is refused before the body is read
+        header_ms = timeout_header(request.headers.get(TIMEOUT_HEADER))
         body = await read_body(request, settings.max_upload_bytes)
         header, binary = parse(body, request.headers.get(HEADER_LENGTH))
         request_id = header.get("id", "")
@@ -335,18 +307,9 @@ def create_router(service: Service) -> APIRouter:
         binary_default = parameters.get("binary_data_output", False)
         if not isinstance(binary_default, bool):
             raise ProtocolError("parameter binary_data_output must be true or false")
-        timeouts = [t for t in (header_ms, protocol.timeout_ms(parameters)) if t is not None]
-        deadline = service.deadline(min(timeouts) if timeouts else None)
+        deadline = service.deadline(header_ms, protocol.timeout_ms(parameters))
         job = protocol.Infer(service, model, _inputs(header, binary), _outputs(header), request_id)
-        work = asyncio.ensure_future(job.run(deadline))
-        gone = asyncio.ensure_future(_until_disconnect(request))
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()  # client went away: its queued images are dropped before compute
-            metrics.REJECTIONS.labels("cancelled").inc()
-            return error(499, "client closed the request")
-        gone.cancel()
-        return encode(model, job.id, work.result(), binary_default)
+        return encode(model, job.id, await unless_disconnected(request, job.run(deadline)), binary_default)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
@@ -356,7 +319,8 @@ def create_router(service: Service) -> APIRouter:
         """After every route above: a path no route has (404), or a method its route does not take (405)."""
         found = template_of(request.url.path)
         if found is not None:
-            return error(405, f"{request.method} is not allowed on {found[1]}; use {found[0]}")
-        return error(404, f"no such endpoint: {request.method} {request.url.path}")
+            message = f"{request.method} is not allowed on {found[1]}; use {found[0]}"
+            return failure(OUTCOMES["method_not_allowed"], message)
+        return failure(OUTCOMES["not_found"], f"no such endpoint: {request.method} {request.url.path}")
 
     return router

@@ -6,17 +6,15 @@ always go out as `raw_output_contents`, as Triton answers. Errors are gRPC statu
 request or image), NOT_FOUND (unknown model or version), RESOURCE_EXHAUSTED (queue full, too many images or
 pixels), DEADLINE_EXCEEDED, UNAVAILABLE (loading, draining), INTERNAL (model failure); the trailing metadata
 `levit-error-code` carries the HTTP API's machine code, as on levit.v1.Classifier.
-Requests are observed in the metrics with protocol="v2-grpc" (here, not by the server's interceptor).
+Statuses and codes come from service.errors.OUTCOMES. Requests are observed in the metrics with
+protocol="v2-grpc" (by the server's interceptor; a stream per request, here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -24,19 +22,15 @@ import numpy as np
 from google.protobuf import json_format
 from grpc import aio
 
-from service import metrics
 from service.core import Service
-from service.errors import ServiceError
 from service.grpc.gen.inference import grpc_service_pb2 as pb
 from service.grpc.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.grpc.gen.inference import model_config_pb2 as config_pb
-from service.grpc.status import Observed, abandoned, abort, access_log, reject
+from service.grpc.status import Observed, answer, timeout_ms
 from service.grpc.streams import Write, respond, serve_stream, stream_window
-from service.imaging import ImageError
 from service.v2 import protocol
 from service.v2.protocol import InputTensor, OutputRequest, OutputTensor, ProtocolError
 
-log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # "inference.GRPCInferenceService"
 METHODS = frozenset(f"/{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods)
 STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
@@ -45,48 +39,14 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 
-class V2Observed(Observed):
-    """`Observed` with protocol="v2-grpc": latency histogram, status and in-flight gauge of one v2 request."""
-
-    def __init__(self, method: str, context: aio.ServicerContext) -> None:
-        super().__init__(method, context)
-        self._inflight = metrics.INFLIGHT.labels(PROTOCOL)
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        elapsed = time.perf_counter() - self._start
-        self._inflight.dec()
-        status = self.status or self._outcome(error)
-        metrics.REQUEST_LATENCY.labels(PROTOCOL, self.method, status.name).observe(elapsed)
-        access_log.info("gRPC %s -> %s in %.1f ms", self.method, status.name, elapsed * 1000)
-
-
-def status_of(error: ServiceError | ImageError) -> grpc.StatusCode:
-    """The gRPC status of `error`, counted in levit_rejections like everywhere else."""
-    if isinstance(error, protocol.ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    return reject(error)
-
-
 def unary(
     behavior: Callable[[Any, Request, aio.ServicerContext], Awaitable[Response]],
 ) -> Callable[[Any, Request, aio.ServicerContext], Awaitable[Response]]:
-    """Observe the RPC as protocol v2-grpc; service and image errors become their status."""
-    method = f"/{SERVICE_NAME}/{behavior.__name__}"
+    """Service and image errors become their status (service.grpc.status.answer)."""
 
     @functools.wraps(behavior)
     async def call(self: Any, request: Request, context: aio.ServicerContext) -> Response:
-        with V2Observed(method, context):
-            try:
-                return await behavior(self, request, context)
-            except (ServiceError, ImageError) as error:
-                await abort(context, status_of(error), error.message, error.code)
-            except asyncio.CancelledError:
-                abandoned(context)  # deadline or client gone: the batcher dropped the queued images
-                raise
-            except Exception as error:
-                log.exception("unhandled error")
-                await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", "internal")
-        raise AssertionError("unreachable")
+        return await answer(context, lambda: behavior(self, request, context))
 
     return call
 
@@ -169,25 +129,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._draining = draining  # set when the service stops accepting work: streams then end
         self.window = window or stream_window(self.settings.max_batch_size)
 
-    def _deadline(self, context: aio.ServicerContext, parameters: dict[str, Any]) -> float:
-        """The gRPC deadline, or the `timeout` parameter when shorter; neither: the server's default."""
-        remaining = context.time_remaining()
-        requested = protocol.timeout_ms(parameters)
-        by_parameter = self.service.deadline(requested)
-        if remaining is None:
-            return by_parameter
-        by_grpc = time.monotonic() + remaining
-        return min(by_grpc, by_parameter) if requested is not None else by_grpc
-
     async def _infer(
         self, request: pb.ModelInferRequest, context: aio.ServicerContext, streamed: bool = False
     ) -> pb.ModelInferResponse:
         model = protocol.resolve(self.settings, request.model_name, request.model_version)
-        self.service.check_capacity()
+        self.service.admit()
         parameters = parameters_of("the request", request.parameters)
-        deadline = self._deadline(context, parameters)
-        if streamed:  # a stream's deadline bounds the stream; each request also gets the server's default
-            deadline = min(deadline, self.service.deadline(None))
+        deadline = self.service.deadline(timeout_ms(context), protocol.timeout_ms(parameters), stream=streamed)
         job = protocol.Infer(self.service, model, inputs_of(request), outputs_of(request), request.id)
         return response_of(model, job.id, await job.run(deadline))
 
@@ -246,5 +194,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
             )
 
-        with V2Observed(STREAM_METHOD, context) as observed:
-            await respond(observed, context, compute, status_of, failed, write)
+        with Observed(STREAM_METHOD, context, PROTOCOL) as observed:
+            await respond(observed, context, compute, failed, write)
