@@ -70,6 +70,9 @@ class Observation:
         self._inflight.inc()
         self._start = time.perf_counter()
 
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self._start) * 1000
+
     def finish(self, status: str) -> None:
         elapsed = time.perf_counter() - self._start
         self._inflight.dec()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,6 +73,14 @@ def test_multi_image_request_keeps_upload_order(server: ServerThread) -> None:
 def test_request_id_is_echoed(server: ServerThread) -> None:
     response = httpx.get(server.url + "/healthz", headers={"X-Request-Id": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
+
+
+def test_server_timing_tells_the_server_side_time(server: ServerThread) -> None:
+    start = time.perf_counter()
+    response = httpx.post(server.url + "/classify", files={"img": ("cat.jpg", photo("cat.jpg"))})
+    round_trip_ms = (time.perf_counter() - start) * 1000
+    name, _, duration = response.headers["server-timing"].partition(";dur=")
+    assert name == "app" and 0 < float(duration) <= round_trip_ms
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,13 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                # Server-Timing: the server's own time to the answer, which browsers show next to the round trip.
+                timing = f"app;dur={observation.elapsed_ms():.1f}".encode()
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode()),
+                    (b"server-timing", timing),
+                ]
             await send(message)
 
         with logs.bound(rid):

@@ -245,7 +245,7 @@
     item.body.replaceChildren(el("p", { class: "name", text: item.file.name }), el("p", { class: "meta", text: "classifying…" }));
   }
 
-  function showPredictions(item, predictions, elapsedMs, requestId) {
+  function showPredictions(item, predictions, elapsedMs, requestId, serverMs) {
     const list = el("ol", { class: "preds", "aria-label": `top ${predictions.length} for ${item.file.name}` });
     for (const p of predictions) {
       const fill = el("span", { class: "fill" });
@@ -262,7 +262,7 @@
     }
     const meta = el("p", {
       class: "meta",
-      text: `${Math.round(elapsedMs)} ms round trip`,
+      text: timingText(elapsedMs, serverMs),
       title: requestId ? `request id ${requestId}` : "",
     });
     item.body.replaceChildren(el("p", { class: "name", text: item.file.name }), meta, list);
@@ -270,11 +270,22 @@
     if (predictions.length) announce(`${item.file.name}: ${predictions[0].label}, ${percent(predictions[0].score)}`);
   }
 
-  function showError(item, code, message, elapsedMs) {
+  function showError(item, code, message, elapsedMs, serverMs) {
     const error = el("p", { class: "error", role: "alert" }, el("code", { text: code }), ": ", el("span", { class: "message", text: message }));
-    const meta = el("p", { class: "meta", text: elapsedMs == null ? "no answer" : `${Math.round(elapsedMs)} ms round trip` });
+    const meta = el("p", { class: "meta", text: elapsedMs == null ? "no answer" : timingText(elapsedMs, serverMs) });
     item.body.replaceChildren(el("p", { class: "name", text: item.file.name }), meta, error);
     item.node.removeAttribute("aria-busy");
+  }
+
+  // The server's own time for the request (its Server-Timing header), next to what the browser waited.
+  function serverTiming(header) {
+    const match = /(?:^|,)\s*app;dur=([0-9.]+)/.exec(header || "");
+    return match ? Number(match[1]) : null;
+  }
+
+  function timingText(elapsedMs, serverMs) {
+    const trip = `${Math.round(elapsedMs)} ms round trip`;
+    return serverMs == null ? trip : `${Math.round(serverMs)} ms on the server, ${trip}`;
   }
 
   // One request per image, all in flight together: the batcher sees them at once, and each error stays
@@ -294,6 +305,7 @@
       return;
     }
     const elapsed = performance.now() - started;
+    const serverMs = serverTiming(response.headers.get("server-timing"));
     let body = null;
     try {
       body = await response.json();
@@ -302,10 +314,10 @@
     }
     if (item.run !== run) return; // a newer run (k changed) owns this card now
     if (response.ok && body && body.results) {
-      showPredictions(item, body.results[0].predictions, elapsed, response.headers.get("x-request-id"));
+      showPredictions(item, body.results[0].predictions, elapsed, response.headers.get("x-request-id"), serverMs);
     } else {
       const error = body && body.error && typeof body.error === "object" ? body.error : null;
-      showError(item, error ? error.code : `HTTP ${response.status}`, error ? error.message : response.statusText, elapsed);
+      showError(item, error ? error.code : `HTTP ${response.status}`, error ? error.message : response.statusText, elapsed, serverMs);
       announce(`${item.file.name}: ${error ? error.message : response.status}`);
     }
   }
