@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 
 from tests.conftest import ROOT, wait_until
-from tests.helpers import metric, scrape
 from tests.test_lifecycle import free_port
 
 
@@ -38,14 +37,41 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.http_port}"
         wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=180)
 
+    def pids(self) -> list[int]:
+        """The supervisor and every live process under it (front-ends, model instances)."""
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        tree, frontier = [self.proc.pid], [self.proc.pid]
+        while frontier:
+            frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+            tree += frontier
+        return tree
+
+    def _sum(self, read: Callable[[int], int]) -> int:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):  # a process may exit between listing and reading
+                total += read(pid)
+        return total
+
     def rss_mib(self) -> float:
-        return metric(scrape(self.url), "process_resident_memory_bytes") / 2**20
+        """Resident memory of all the server's processes together (shared pages counted in each)."""
+        page = os.sysconf("SC_PAGE_SIZE")
+
+        def rss(pid: int) -> int:
+            with open(f"/proc/{pid}/statm") as statm:
+                return int(statm.read().split()[1]) * page
+
+        return self._sum(rss) / 2**20
 
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return self._sum(lambda pid: len(os.listdir(f"/proc/{pid}/fd")))
 
     def threads(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+        return self._sum(lambda pid: len(os.listdir(f"/proc/{pid}/task")))
 
     def logs(self) -> str:
         self.log.seek(0)

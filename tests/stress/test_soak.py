@@ -80,6 +80,7 @@ async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
     return statuses
 
 
+@pytest.mark.timeout(900)  # a hang guard, not a speed limit: 10k requests take minutes on 2 busy cores
 def test_soak_keeps_memory_fds_and_threads_flat() -> None:
     with running(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8") as server:
         target = f"127.0.0.1:{server.grpc_port}"
