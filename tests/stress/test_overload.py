@@ -26,7 +26,8 @@ pytestmark = pytest.mark.stress
 CAT = photo("cat.jpg")
 FILES = {"img": ("cat.jpg", CAT, "image/jpeg")}
 TIMEOUT_MS = 5000  # the surge's deadline, or more: see `surge_deadline_ms`
-HEADROOM = 3  # the deadline over what the queue bound needs at the calibrated batch time
+HEADROOM = 10  # the deadline over what the queue bound needs at the calibrated batch time: batches slow
+# down several times over once 400 clients compete with the model for the two cores
 MAX_QUEUE = 48
 MAX_BATCH = 16
 SURGE_S = 15
