@@ -8,10 +8,9 @@ the shared-memory ring's bookkeeping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,68 +20,34 @@ import pytest
 
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, photo, wait_until
+from tests.conftest import photo, wait_until
 from tests.helpers import metric, scrape
-from tests.test_lifecycle import free_port
+from tests.stress.procs import ServerProcess
 
 CAT = photo("cat.jpg")
 
 
-class Proc:
-    """`python -m service` in the default process model, on free ports."""
-
-    def __init__(self, **env: str) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        full = {
-            **os.environ,
-            "LEVIT_HOST": "127.0.0.1",
-            "LEVIT_WEIGHTS": "random",
-            "LEVIT_ENGINE": "eager",
-            "LEVIT_HTTP_PORT": str(self.http_port),
-            "LEVIT_GRPC_PORT": str(self.grpc_port),
-            **env,
-        }
-        full.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.url = f"http://127.0.0.1:{self.http_port}"
+class Proc(ServerProcess):
+    """`python -m service` in the default process model (tests/stress/procs.py starts it)."""
 
     def ready(self) -> bool:
         return httpx.get(self.url + "/readyz").status_code == 200
 
-    def wait_ready(self) -> Proc:
-        wait_until(self.ready, timeout=180)
-        return self
-
     def children(self) -> dict[str, int]:
         """OS name -> pid of this server's processes (front-ends and model instances name themselves)."""
         found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/comm") as comm:
-                    name = comm.read().strip()
-            except OSError:
-                continue
-            if ppid == self.proc.pid and name.startswith("levit-"):
-                found[name] = int(entry)
+        for pid in self.pids()[1:]:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as comm:
+                found[comm.read().strip()] = pid
         return found
 
     def classify(self, timeout_ms: int | None = None) -> httpx.Response:
         headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
         return httpx.post(self.url + "/classify", files={"img": ("cat.jpg", CAT)}, headers=headers, timeout=120)
 
-    def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=120)
-        finally:
-            self.proc.kill()
-        return code, self.proc.stderr.read().decode()
+    def finish(self) -> tuple[int, str]:
+        """SIGTERM; the exit status and the server's log."""
+        return self.stop(), self.logs()
 
 
 @pytest.fixture
@@ -92,7 +57,7 @@ def slow() -> Iterator[Proc]:
         LEVIT_WORKERS="2", LEVIT_INSTANCES="1", LEVIT_THREADS="1", LEVIT_MODEL="LeViT_384", LEVIT_MAX_BATCH_SIZE="2"
     )
     try:
-        yield server.wait_ready()
+        yield server
     finally:
         server.proc.kill()
         server.proc.wait()
@@ -110,7 +75,7 @@ def burst(server: Proc, count: int, timeout_ms: int | None = None) -> list[int |
 
 
 def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
-    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1").wait_ready()
+    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1")
     try:
         names = server.children()
         assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
@@ -130,7 +95,7 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
         for _ in range(4):
             assert metric(scrape(server.url), "levit_images_classified_total") - before == 24 + 1 + 1
     finally:
-        code, err = server.stop()
+        code, err = server.finish()
     assert code == 0, err
 
 
@@ -142,7 +107,7 @@ def test_queue_bound_is_global_and_refuses_at_once() -> None:
         LEVIT_MODEL="LeViT_384",
         LEVIT_MAX_BATCH_SIZE="1",
         LEVIT_MAX_QUEUE="4",
-    ).wait_ready()
+    )
     try:
         statuses = burst(server, 24)
         assert set(statuses) <= {200, 503}, statuses
@@ -151,7 +116,7 @@ def test_queue_bound_is_global_and_refuses_at_once() -> None:
         samples = scrape(server.url)
         assert metric(samples, "levit_rejections_total", reason="queue_full") == statuses.count(503)
     finally:
-        server.stop()
+        server.finish()
 
 
 def test_deadline_drops_images_before_compute_in_the_model_process(slow: Proc) -> None:
@@ -192,7 +157,7 @@ def test_killed_front_end_is_replaced_and_its_slots_reclaimed(slow: Proc) -> Non
     wait_until(lambda: slow.children().get("levit-front-0", front) != front)
     # The replacement took over its predecessor's slots: the whole queue is usable again, on both.
     assert burst(slow, 16) == [200] * 16
-    code, err = slow.stop()
+    code, err = slow.finish()
     assert code == 0, err
     assert "reclaimed" in err
 
@@ -200,8 +165,9 @@ def test_killed_front_end_is_replaced_and_its_slots_reclaimed(slow: Proc) -> Non
 def test_start_up_failure_in_a_model_process_stops_the_server_with_one_line(tmp_path) -> None:
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
-    server = Proc(LEVIT_WEIGHTS=str(bad), LEVIT_WORKERS="2", LEVIT_INSTANCES="2")
-    _, err = server.proc.communicate(timeout=180)
-    assert server.proc.returncode == 1, err
-    assert "Traceback" not in err.decode()
-    assert [ln for ln in err.decode().splitlines() if "cannot start" in ln]
+    server = Proc(wait=False, LEVIT_WEIGHTS=str(bad), LEVIT_WORKERS="2", LEVIT_INSTANCES="2")
+    assert server.proc.wait(timeout=180) == 1, server.logs()
+    err = server.logs()
+    assert "Traceback" not in err
+    [line] = [ln for ln in err.splitlines() if "cannot start" in ln]  # two instances failed: one line
+    assert "not a readable" in line

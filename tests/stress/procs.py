@@ -17,7 +17,9 @@ from tests.test_lifecycle import free_port
 
 
 class ServerProcess:
-    def __init__(self, **env: str) -> None:
+    """`python -m service` on free ports, random weights, eager engine; ready when made unless `wait=False`."""
+
+    def __init__(self, wait: bool = True, **env: str) -> None:
         self.http_port, self.grpc_port = free_port(), free_port()
         full = {
             **os.environ,
@@ -35,7 +37,8 @@ class ServerProcess:
             [sys.executable, "-m", "service"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=self.log
         )
         self.url = f"http://127.0.0.1:{self.http_port}"
-        wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=180)
+        if wait:
+            wait_until(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout=180)
 
     def pids(self) -> list[int]:
         """The supervisor and every live process under it (front-ends, model instances)."""
