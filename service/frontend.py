@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -26,6 +27,7 @@ class FrontendSpec:
     http_socket: socket.socket
     grpc_port: int
     decoders: int
+    cores: tuple[int, ...] | None = None  # pinned to these (LEVIT_PIN_CORES), before any thread exists
 
 
 def main(spec: FrontendSpec) -> None:
@@ -35,6 +37,8 @@ def main(spec: FrontendSpec) -> None:
     from service.threads import name_os_thread
 
     die_with_parent(signal.SIGTERM)  # the supervisor is gone: drain and exit
+    if spec.cores:
+        os.sched_setaffinity(0, spec.cores)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders the stop
     settings = spec.settings.model_copy(update={"grpc_port": spec.grpc_port})
     logs.configure(settings.log_level, settings.log_format)

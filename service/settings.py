@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
+    pin_cores: bool = Field(
+        False,
+        description="each model process on its own cores, the front-ends on the rest (if instances leave any)",
+    )
     linears: Literal["auto", "onednn", "mkl"] = Field(
         "auto", description="CPU fp32 linear layers: auto = whichever of oneDNN and MKL is faster here, timed at start"
     )

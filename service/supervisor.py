@@ -68,6 +68,7 @@ class Supervisor:
         self.pipes = make_pipes(t.workers)
         self.ring = Ring.create(self.ring_spec, self.pipes)
         self.ring_bytes = segment_bytes(self.ring_spec)
+        self.instance_cores, self.frontend_cores = t.core_sets(s.pin_cores)
         self.frontends = [_Child("front-end", i) for i in range(t.workers)]
         self.instances = [_Child("model", i) for i in range(t.instances)]
         self._stop = threading.Event()
@@ -81,13 +82,25 @@ class Supervisor:
 
         if child.role == "model":
             spec = instance_module.InstanceSpec(
-                child.index, int(self.ring.instance_epoch[child.index]), self.settings, self.ring_spec, self.pipes
+                child.index,
+                int(self.ring.instance_epoch[child.index]),
+                self.settings,
+                self.ring_spec,
+                self.pipes,
+                self.instance_cores[child.index],
             )
             target, name = instance_module.main, f"levit-model-{child.index}"
         else:
             decoders = max(2, self.topology.cores // self.topology.workers)
             spec = frontend_module.FrontendSpec(
-                child.index, self.settings, self.ring_spec, self.pipes, self.http_socket, self.grpc_port, decoders
+                child.index,
+                self.settings,
+                self.ring_spec,
+                self.pipes,
+                self.http_socket,
+                self.grpc_port,
+                decoders,
+                self.frontend_cores,
             )
             target, name = frontend_module.main, f"levit-front-{child.index}"
         child.process = self._ctx.Process(target=target, args=(spec,), name=name, daemon=False)
@@ -140,6 +153,8 @@ class Supervisor:
             "supervisor: %d front-end(s), %d model instance(s) x %d threads on %d cores (%s); ring %.0f MiB",
             t.workers, t.instances, t.threads, t.cores, t.device, self.ring_bytes / 2**20,
         )  # fmt: skip
+        if self.frontend_cores is not None:
+            log.info("pinned: model instances on cores %s, front-ends on %s", self.instance_cores, self.frontend_cores)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         self.ring.phase = PHASE_LOADING

@@ -29,6 +29,20 @@ class Topology:
     cores: int
     device: str  # "cpu" or "cuda[:N]"
 
+    def core_sets(self, pin: bool) -> tuple[list[tuple[int, ...] | None], tuple[int, ...] | None]:
+        """With `pin`: model instance i gets its own `threads` cores, the front-ends the cores left over.
+
+        A model process whose OpenMP team shares its cores with decoding threads spins at every barrier
+        a preempted team-mate holds up (docs/benchmarks.md); dedicated cores avoid that. Only when the
+        instances leave at least one core for the front-ends; otherwise nothing is pinned.
+        """
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        used = self.instances * self.threads
+        if not pin or self.kind != "process" or used >= len(cpus):
+            return [None] * self.instances, None
+        per = [tuple(cpus[i * self.threads : (i + 1) * self.threads]) for i in range(self.instances)]
+        return per, tuple(cpus[used:])
+
     def describe(self) -> dict[str, object]:
         return {
             "kind": self.kind,

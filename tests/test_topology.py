@@ -36,3 +36,15 @@ def test_resolved_settings_have_no_automatic_values_left() -> None:
     s = resolved(Settings(), plan(Settings(), cores=16, device="cpu"))
     assert (s.workers, s.instances, s.threads) == (4, 4, 3)
     assert 1 <= usable_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def test_pinned_instances_get_their_own_cores_and_front_ends_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.topology import Topology
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)))
+    t = Topology("process", workers=4, instances=4, threads=3, cores=16, device="cpu")
+    per, front = t.core_sets(pin=True)
+    assert per == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)] and front == (12, 13, 14, 15)
+    assert t.core_sets(pin=False) == ([None] * 4, None)
+    full = Topology("process", workers=1, instances=2, threads=8, cores=16, device="cpu")
+    assert full.core_sets(pin=True) == ([None, None], None)  # nothing left for the front-ends: no pinning

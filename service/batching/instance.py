@@ -51,6 +51,7 @@ class InstanceSpec:
     settings: Settings
     ring: RingSpec
     pipes: Pipes
+    cores: tuple[int, ...] | None = None  # pinned to these (LEVIT_PIN_CORES), before any thread exists
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -149,6 +150,8 @@ def main(spec: InstanceSpec) -> None:
     from service import logs
 
     die_with_parent()
+    if spec.cores:
+        os.sched_setaffinity(0, spec.cores)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which orders the stop
     settings = spec.settings
