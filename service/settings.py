@@ -46,7 +46,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="images per model call")
     max_batch_delay_ms: float = Field(
-        50.0, ge=0, le=60_000, description="longest a batch stays open for more images while the model is busy"
+        50.0,
+        ge=0,
+        le=60_000,
+        description="instance_kind=thread only: longest a batch stays open for more images while the model is busy",
     )
     max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")
