@@ -105,8 +105,6 @@ class Supervisor:
             target, name = frontend_module.main, f"levit-front-{child.index}"
         child.process = self._ctx.Process(target=target, args=(spec,), name=name, daemon=False)
         child.process.start()
-        if child.role == "model":
-            self.ring.instance_pid[child.index] = child.process.pid
 
     def _reap(self, child: _Child) -> None:
         """A child exited: account for it, and decide whether and when it comes back."""
@@ -146,7 +144,7 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
-        from service.batching.ring import PHASE_DRAINING, PHASE_LOADING, PHASE_READY, READY
+        from service.batching.ring import READY
 
         t = self.topology
         log.info(
@@ -157,7 +155,6 @@ class Supervisor:
             log.info("pinned: model instances on cores %s, front-ends on %s", self.instance_cores, self.frontend_cores)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
-        self.ring.phase = PHASE_LOADING
         for child in self._children():
             self._spawn(child)
         ready_logged = False
@@ -172,7 +169,6 @@ class Supervisor:
                 if instance.process is not None and self.ring.instance_state[instance.index] == READY:
                     instance.ready_once = True
             if not ready_logged and self.ring.any_instance_ready():
-                self.ring.phase = PHASE_READY
                 log.info("serving HTTP on %s:%d, gRPC on %s:%d", self.settings.host, self.http_port,
                          self.settings.host, self.grpc_port)  # fmt: skip
                 ready_logged = True
@@ -180,7 +176,6 @@ class Supervisor:
             for child in self._children():
                 if child.process is None and not self._stop.is_set() and now >= child.due:
                     self._spawn(child)
-        self.ring.phase = PHASE_DRAINING
         return self._shutdown()
 
     def _shutdown(self) -> int:

@@ -43,15 +43,6 @@ class Topology:
         per = [tuple(cpus[i * self.threads : (i + 1) * self.threads]) for i in range(self.instances)]
         return per, tuple(cpus[used:])
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "workers": self.workers,
-            "count": self.instances,
-            "threads": self.threads,
-            "cores": self.cores,
-        }
-
 
 def usable_cores() -> int:
     """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.transforms import batch_input, normalize
+from service import metrics
 from service.batching.ring import (
     DONE,
     DROPPED_CANCELLED,
@@ -35,6 +37,7 @@ from service.batching.ring import (
     Pipes,
     Ring,
     RingSpec,
+    write_all,
 )
 from service.settings import Settings
 from service.threads import name_os_thread
@@ -81,8 +84,6 @@ class Instance:
         self.ring.instance_state[self.index] = READY
 
     def serve(self) -> None:
-        from service import metrics
-
         record = TASK.size
         while True:
             data = os.read(self.task_fd, self.max_batch * record)
@@ -117,9 +118,6 @@ class Instance:
                 _write_results(self.result_fds[frontend], b"".join(records))
 
     def _forward(self, slots: list[int]) -> int:
-        from model.transforms import batch_input, normalize
-        from service import metrics
-
         ring = self.ring
         try:
             start = time.perf_counter()
@@ -139,8 +137,6 @@ class Instance:
 
 
 def _write_results(fd: int, data: bytes) -> None:
-    from service.batching.ring import write_all
-
     with contextlib.suppress(BrokenPipeError):  # cannot happen: the supervisor keeps every read end open
         write_all(fd, data)
 

@@ -198,7 +198,7 @@ class RemoteModel:
             if status == OK:
                 entry.future.set_result(torch.from_numpy(ring.probs[slot].copy()))
             elif status == FAILED:
-                entry.future.set_exception(ModelFailure(f"{failure}"))
+                entry.future.set_exception(ModelFailure(failure))
             elif status in (DROPPED_DEADLINE, DROPPED_CANCELLED):
                 entry.future.cancel()
         ring.release([slot])

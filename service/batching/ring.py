@@ -52,11 +52,9 @@ ERROR_BYTES = 1024  # why an instance could not start, for the supervisor's one 
 # Slot states: who holds it and whether a record about it is still to come.
 FREE, ALLOCATED, QUEUED, TAKEN, DONE = range(5)
 # Result statuses.
-OK, DROPPED_DEADLINE, DROPPED_CANCELLED, FAILED, STALE = range(5)
+OK, DROPPED_DEADLINE, DROPPED_CANCELLED, FAILED = range(4)
 # Instance states.
 DOWN, LOADING, READY = range(3)
-# Service phases written by the supervisor.
-PHASE_LOADING, PHASE_READY, PHASE_DRAINING, PHASE_FAILED = range(4)
 
 U8_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 F32_SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
@@ -107,12 +105,10 @@ def _layout(spec: RingSpec) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, .
     """Offsets of every array in the segment, each aligned to 64 bytes."""
     n = spec.slots
     fields: list[tuple[str, Any, tuple[int, ...]]] = [
-        ("phase", np.uint8, (1,)),
         ("info_len", np.uint32, (1,)),
         ("info", np.uint8, (INFO_BYTES,)),
         ("instance_state", np.uint8, (spec.instances,)),
         ("instance_epoch", np.uint32, (spec.instances,)),
-        ("instance_pid", np.int64, (spec.instances,)),
         ("instance_error", np.uint8, (spec.instances, ERROR_BYTES)),
         ("gen", np.uint32, (n,)),
         ("state", np.uint8, (n,)),
@@ -211,11 +207,7 @@ class Ring:
         self.gen, self.state, self.holder, self.cancelled = a["gen"], a["state"], a["holder"], a["cancelled"]
         self.owner, self.owner_epoch, self.probs = a["owner"], a["owner_epoch"], a["probs"]
         self.u8, self.f32 = a["u8"], a["f32"]
-        self.instance_state, self.instance_epoch, self.instance_pid = (
-            a["instance_state"],
-            a["instance_epoch"],
-            a["instance_pid"],
-        )
+        self.instance_state, self.instance_epoch = a["instance_state"], a["instance_epoch"]
         if create:
             self.holder[:] = -1
             self.owner[:] = -1
@@ -234,14 +226,6 @@ class Ring:
         write_all(self.pipes.free_f32_w.fileno(), ids[self.spec.u8_slots :].tobytes())
 
     # --- header ---------------------------------------------------------------------------------------------
-
-    @property
-    def phase(self) -> int:
-        return int(self.arrays["phase"][0])
-
-    @phase.setter
-    def phase(self, value: int) -> None:
-        self.arrays["phase"][0] = value
 
     def publish_info(self, info: dict[str, Any]) -> None:
         data = json.dumps(info).encode()
@@ -306,9 +290,9 @@ class Ring:
         return unread_bytes(self.pipes.task_r.fileno()) // TASK.size
 
     def close(self) -> None:
-        for name in list(self.arrays):
-            del self.arrays[name]
-        self.gen = self.state = self.holder = self.cancelled = None  # type: ignore[assignment]
-        self.owner = self.owner_epoch = self.probs = self.u8 = self.f32 = None  # type: ignore[assignment]
-        self.instance_state = self.instance_epoch = self.instance_pid = None  # type: ignore[assignment]
+        """Drop every view of the segment (an exported buffer cannot be unmapped), then the segment."""
+        self.arrays.clear()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, np.ndarray):
+                setattr(self, name, None)
         self.memory.close()
