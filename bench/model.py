@@ -6,9 +6,10 @@
 Paths: the training-form model in eval mode (the reference); the fused model in eager mode with
 `nn.Linear` (MKL sgemm), also with channels-last stem convs; TorchScript trace + freeze (`Engine`
 kind=trace, MKL linears); `Engine` kind=eager (linears on oneDNN); TorchInductor with frozen weights
-and MKL linears (what `Engine` compiled before its linears moved to oneDNN); the default `Engine`
-(kind=auto = compile with oneDNN linears, built with max_batch_size=32 and timed at exact bucket
-sizes so nothing is padded), also on one thread; and bf16 autocast.
+and MKL linears (what `Engine` compiled before its linears moved to oneDNN); `Engine` kind=compile
+(the same Inductor code compiled in-process at start, oneDNN linears, timed at exact bucket sizes so
+nothing is padded); the default `Engine` (kind=auto = the AOTInductor artifact of model/aot.py, built
+here into a temporary folder, dynamic batch), also on one thread; and bf16 autocast.
 A path is correct when its max relative error (max |out-ref| / max |ref|) against the training form
 is <= 1e-4; bf16 rows are approximate by design and say so.
 
@@ -23,8 +24,9 @@ so no path pays page faults for its activations and results do not depend on all
 `--malloc default` measures glibc as it comes (the "faults/call" column shows the difference).
 `--explore` times Inductor option variants at batch 16.
 
-The floor: the default engine (`Engine` kind=auto, i.e. compile when a C++ compiler exists) at
-batch 16 must be >= 1.5x the training-form model measured in the same run.
+The floors: the default engine at batch 16 must be >= 1.5x the training-form model measured in the
+same run; and the artifact must match the in-process compiled engine (max relative error <= 1e-5)
+and be within 5% of its speed at every batch size measured.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ from bench.timing import (
     tune_malloc,
     wait_quiet,
 )
+from model.aot import can_compile
 from model.configs import IMAGE_SIZE, VARIANTS, get_config
 from model.cost import count_macs
-from model.engine import Engine, resolve_kind
+from model.engine import Engine
 from model.engine import onednn_linears as engine_onednn_linears
 from model.fuse import FusedLeViT, fuse
 from tests.helpers import random_levit
@@ -65,6 +68,9 @@ FLOOR_SPEEDUP = 1.5
 TOLERANCE = 1e-4
 REFERENCE = "training form, eval"
 DEFAULT_ENGINE = "Engine auto"
+IN_PROCESS = "Engine compile (in-process Inductor, oneDNN linears)"
+ARTIFACT_TOLERANCE = 1e-5  # the artifact against the in-process compiled engine
+ARTIFACT_SLOWDOWN = 1.05
 BEFORE = "before"  # note of the row that reproduces the engine before its linears moved to oneDNN
 NOISY_CORES = 0.3  # a block during which other processes used more CPU than this is timed again
 RETRIES = 2
@@ -83,6 +89,7 @@ class Path:
     times: dict[int, list[float]] = field(default_factory=dict)  # batch -> seconds per call, all rounds pooled
     faults: dict[int, list[float]] = field(default_factory=dict)  # batch -> minor page faults per call, per block
     error: float = 0.0
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> logits of the first call
 
     def seconds(self, batch: int) -> float:
         return fast(self.times[batch])
@@ -130,8 +137,12 @@ def inductor(model: nn.Module, options: dict[str, object] | None = None, channel
 
 def build_paths(train: nn.Module, cores: int, explore: bool) -> list[Path]:
     fused = fuse(train)
-    kind = resolve_kind("auto", torch.device("cpu"))
+    start = time.perf_counter()
     auto = Engine(fuse(train), "auto", max_batch_size=32)
+    kind = auto.kind
+    artifact = auto.artifact
+    print(f"  default engine: {kind}" + (f", artifact {artifact.origin} in {time.perf_counter() - start:.1f}s "
+          f"({artifact.key.isa})" if artifact else f" ({auto.fallback})"), flush=True)  # fmt: skip
     paths = [
         Path(REFERENCE, train, cores, note="reference"),
         Path("fused, eager, MKL linears", fused, cores),
@@ -139,14 +150,14 @@ def build_paths(train: nn.Module, cores: int, explore: bool) -> list[Path]:
         Path("Engine trace (trace+freeze, MKL linears)", Engine(fuse(train), "trace", max_batch_size=32), cores),
         Path("Engine eager (oneDNN linears)", Engine(fuse(train), "eager", 32, linears="onednn"), cores),
     ]
-    if kind == "compile":
+    if can_compile():
         paths.append(Path("compile, MKL linears (Engine before cc1cf5c)", inductor(fused), cores, note=BEFORE))
-        paths.append(Path("compile, oneDNN linears", Engine(fuse(train), "compile", 32, linears="onednn"), cores))
+        paths.append(Path(IN_PROCESS, Engine(fuse(train), "compile", 32, linears=auto.linears), cores))
     paths.append(Path(DEFAULT_ENGINE, auto, cores, note=f"= {kind}, {auto.linears} linears (measured at start)"))
     if cores > 1:
         paths.append(Path(f"{DEFAULT_ENGINE}, 1 thread", auto, 1, note=f"= {kind}"))
     paths.append(Path("fused, eager, bf16 autocast", autocast_bf16(fused), cores, approximate=True))
-    if explore and kind == "compile":
+    if explore and can_compile():
         onednn = onednn_linears(fused)
         paths += [
             Path("compile MKL, cpp_wrapper", inductor(fused, {"cpp_wrapper": True}), cores),
@@ -170,7 +181,8 @@ def compile_all(paths: list[Path], inputs: dict[int, torch.Tensor], refs: dict[i
         start = time.perf_counter()
         torch.set_num_threads(path.threads)
         with torch.inference_mode():
-            path.error = max(rel_error(path.run(x), refs[b]) for b, x in inputs.items())
+            path.outputs = {b: path.run(x) for b, x in inputs.items()}
+            path.error = max(rel_error(path.outputs[b], refs[b]) for b in inputs)
         elapsed = time.perf_counter() - start
         torch.set_num_threads(paths[0].threads)
         print(f"  built {path.name}: first calls {elapsed:.1f}s, max rel error {path.error:.1e}", flush=True)
@@ -293,6 +305,7 @@ def report(paths: list[Path], batches: list[int], macs: int, peaks: Peaks) -> bo
         f"the training form (floor {FLOOR_SPEEDUP}x; {len(auto.times[FLOOR_BATCH])} vs "
         f"{len(reference.times[FLOOR_BATCH])} calls; ratio of medians {by_median:.2f}x), max rel error {auto.error:.1e}"
     )
+    passed = artifact_report(paths, batches) and passed
     for path in paths:
         if path.note == BEFORE and FLOOR_BATCH in path.times:
             ratio = reference.seconds(FLOOR_BATCH) / path.seconds(FLOOR_BATCH)
@@ -301,6 +314,31 @@ def report(paths: list[Path], batches: list[int], macs: int, peaks: Peaks) -> bo
                 f"oneDNN linears make the default engine {path.seconds(FLOOR_BATCH) / auto.seconds(FLOOR_BATCH):.2f}x "
                 "faster"
             )
+    return passed
+
+
+def artifact_report(paths: list[Path], batches: list[int]) -> bool:
+    """Issue 13's floor: the AOT artifact equals the in-process compiled engine and is as fast at every batch."""
+    auto = next(p for p in paths if p.name == DEFAULT_ENGINE)
+    compiled = next((p for p in paths if p.name == IN_PROCESS), None)
+    if compiled is None or not auto.note.startswith("= aot"):
+        print("artifact floor not checked: the default engine is not the AOT artifact, or no compiler here")
+        return True
+    err = max(rel_error(auto.outputs[b], compiled.outputs[b]) for b in batches)
+    ratios = {b: compiled.seconds(b) / auto.seconds(b) for b in batches}
+    slow = {b: r for b, r in ratios.items() if r < 1 / ARTIFACT_SLOWDOWN}
+    passed = err <= ARTIFACT_TOLERANCE and not slow
+    print(
+        f"{'PASS' if passed else 'FAIL'}: the AOT artifact against {IN_PROCESS}: max rel error {err:.1e} "
+        f"(floor {ARTIFACT_TOLERANCE:.0e}); speed "
+        + ", ".join(f"b={b} {r:.2f}x" for b, r in ratios.items())
+        + f" (floor {1 / ARTIFACT_SLOWDOWN:.2f}x at every batch)"
+        + (
+            f"; short at {', '.join(f'b={b} by {1 / ARTIFACT_SLOWDOWN - r:.2f}x' for b, r in slow.items())}"
+            if slow
+            else ""
+        )
+    )
     return passed
 
 

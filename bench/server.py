@@ -223,15 +223,19 @@ class ModelOnly:
     def __init__(self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto") -> None:
         import torch
 
+        from model.aot import search_path
         from model.engine import Engine
         from model.fuse import fuse
         from model.loader import random_model
+        from service.settings import Settings
 
         self.torch = torch
         self.threads = threads
         torch.set_num_threads(threads)
         linears = linears if linears in ("onednn", "mkl") else "auto"
-        self.engine = Engine(fuse(random_model(model)), engine, max_batch_size, linears=linears)
+        defaults = Settings()  # the server's artifact folders (LEVIT_ENGINE_PATH): the same artifact, not a rebuild
+        dirs = search_path(defaults.engine_path, defaults.cache_dir / "engines")
+        self.engine = Engine(fuse(random_model(model)), engine, max_batch_size, linears=linears, artifact_dirs=dirs)
         sizes = {1, max_batch_size, max(1, max_batch_size // 2)}
         self.batches = sorted(sizes)
         gen = torch.Generator().manual_seed(0)

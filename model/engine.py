@@ -1,17 +1,21 @@
 """Execution engines for the fused model: the fastest correct way to run a batch on this device.
 
-`compile` (TorchInductor with frozen weights) is the fastest CPU path measured (docs/benchmarks.md)
-but specialises on shapes, so batches are padded up to a few fixed bucket sizes, each compiled once
-at warm-up. `trace` (TorchScript trace + freeze) needs no C++ compiler; `eager` is the reference.
+`aot` (the CPU default) is TorchInductor's code compiled ahead of time into an AOTInductor package with
+a dynamic batch (model/aot.py): built once, found on disk at the next start, loaded in milliseconds, no
+C++ compiler needed to run it. `compile` is the same Inductor code compiled in-process at every start;
+it specialises on shapes, so batches are padded up to a few bucket sizes, each compiled at warm-up
+(kept as the reference the artifact is measured against). `trace` (TorchScript trace + freeze) needs no
+compiler; `eager` is the reference for numbers.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,7 +24,7 @@ from torch import nn
 from model.configs import IMAGE_SIZE
 from model.fuse import FusedLeViT
 
-EngineKind = Literal["auto", "compile", "trace", "eager"]
+EngineKind = Literal["auto", "aot", "compile", "trace", "eager"]
 LinearKind = Literal["auto", "onednn", "mkl"]
 LINEAR_TRIALS = 5  # interleaved timings per candidate at warm-up; the median decides
 log = logging.getLogger(__name__)
@@ -70,6 +74,19 @@ def _median_ms(run: Callable[[], object], trials: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _interleaved_medians(
+    runs: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, trials: int = LINEAR_TRIALS
+) -> dict[str, float]:
+    """Median ms per candidate, trials interleaved so machine noise hits all alike; first calls untimed."""
+    for run in runs.values():
+        run(x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(trials):
+        for name, run in runs.items():
+            times[name].append(_median_ms(lambda r=run: r(x), 1))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def pick_linears(model: nn.Module, batch: int, trials: int = LINEAR_TRIALS) -> tuple[str, dict[str, float]]:
     """Time the model's eager forward with oneDNN and with MKL linears on this CPU; the faster wins.
 
@@ -80,24 +97,16 @@ def pick_linears(model: nn.Module, batch: int, trials: int = LINEAR_TRIALS) -> t
     """
     candidates = {"onednn": onednn_linears(copy.deepcopy(model)), "mkl": model}
     x = torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
-    times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
-        for module in candidates.values():
-            module(x)  # first call: allocations, oneDNN kernel generation
-        for _ in range(trials):
-            for name, module in candidates.items():
-                times[name].append(_median_ms(lambda m=module: m(x), 1))
-    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        medians = _interleaved_medians(candidates, x, trials)
     return min(medians, key=medians.__getitem__), medians
 
 
 def resolve_kind(kind: EngineKind, device: torch.device) -> EngineKind:
-    """`auto`: compile where Inductor can build kernels (a C++ compiler on CPU), else trace."""
+    """`auto`: the AOT artifact on CPU (found on disk, or built where a compiler exists; else trace), eager on GPU."""
     if kind != "auto":
         return kind
-    if device.type == "cpu":
-        return "compile" if shutil.which("g++") or shutil.which("c++") else "trace"
-    return "eager"
+    return "aot" if device.type == "cpu" else "eager"
 
 
 class Engine:
@@ -111,17 +120,72 @@ class Engine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         linears: LinearKind = "auto",
+        artifact_dirs: list[Path] | None = None,
     ) -> None:
+        from model.aot import Artifact
+
         self.device = torch.device(device)
         self.dtype = dtype
+        self.auto = kind == "auto"
         self.kind = resolve_kind(kind, self.device)
+        if self.kind == "aot" and self.device.type != "cpu":
+            raise ValueError("LEVIT_ENGINE=aot is CPU-only; use eager on GPU")
         self.max_batch_size = max_batch_size
-        self.model = model.to(self.device, dtype).eval()
+        self.model = self._plain = model.to(self.device, dtype).eval()
+        self.artifact: Artifact | None = None
+        self.fallback: str | None = None  # why `auto` could not use the artifact
+        self.linear_ms: dict[str, float] = {}
+        if self.kind == "aot":
+            self._run = self._build_aot(linears, artifact_dirs or [Path(tempfile.mkdtemp(prefix="levit-engine-"))])
+            if self._run is not None:
+                self.buckets: tuple[int, ...] = ()
+                return
         self.linears, self.linear_ms = self._choose_linears(linears)
         if self.linears == "onednn":
-            self.model = onednn_linears(self.model)
+            self.model = onednn_linears(copy.deepcopy(self._plain))
         self.buckets = bucket_sizes(max_batch_size) if self.kind == "compile" else ()
         self._run = self._build()
+
+    def _with_linears(self, linears: str) -> nn.Module:
+        return onednn_linears(copy.deepcopy(self._plain)) if linears == "onednn" else self._plain
+
+    def _build_aot(self, wanted: LinearKind, dirs: list[Path]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The artifact, found or built; with `auto` linears, the faster of the artifacts found.
+
+        Timing the compiled artifacts themselves is both truer than the eager proxy and stable across
+        restarts: whichever artifacts a restart finds, it does not compile again because a noisy eager
+        timing flipped. Only when none is found does the eager timing choose which one to build.
+        Returns None after logging why, when `auto` falls back to trace.
+        """
+        from model import aot
+
+        onednn = self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        names = [wanted] if wanted != "auto" else ["onednn", "mkl"] if onednn else ["mkl"]
+        models = {name: self._with_linears(name) for name in names}
+        found = {name: hit for name in names if (hit := aot.find(models[name], self.dtype, name, dirs))}
+        try:
+            if len(found) > 1:
+                x = self._example(min(self.max_batch_size, 16))
+                with torch.inference_mode():
+                    self.linear_ms = _interleaved_medians({name: run for name, (run, _) in found.items()}, x)
+                choice = min(self.linear_ms, key=self.linear_ms.__getitem__)
+                log.info("linears: %s (compiled artifacts, median ms: %s)", choice,
+                         ", ".join(f"{k} {v:.1f}" for k, v in self.linear_ms.items()))  # fmt: skip
+                run, self.artifact = found[choice]
+            elif found:
+                ((choice, (run, self.artifact)),) = found.items()
+            else:
+                choice, self.linear_ms = (names[0], {}) if len(names) == 1 else self._choose_linears("auto")
+                run, self.artifact = aot.create(models[choice], self.dtype, choice, dirs)
+        except aot.ArtifactError as error:
+            if not self.auto:
+                raise
+            self.fallback = str(error)
+            log.warning("engine: no AOT artifact (%s); falling back to trace", error)
+            self.kind = "trace"
+            return None
+        self.linears, self.model = choice, models[choice]
+        return run
 
     def _choose_linears(self, wanted: LinearKind) -> tuple[str, dict[str, float]]:
         """CPU fp32 linears: oneDNN or MKL, by measurement unless set; "default" elsewhere."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from model.aot import search_path
 from model.configs import IMAGE_SIZE, get_config
 from model.cost import count_macs, count_params
 from model.engine import Engine
@@ -49,12 +50,15 @@ class ModelRuntime:
         )
         self.params = count_params(trained)
         self.macs = count_macs(self.config)
+        dirs = search_path(settings.engine_path, settings.cache_dir / "engines")
         self.engine = Engine(
-            fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype, settings.linears
+            fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype, settings.linears, dirs
         )
+        artifact = self.engine.artifact
         log.info(
-            "loaded %s (%s) on %s/%s engine=%s in %.1fs",
+            "loaded %s (%s) on %s/%s engine=%s%s in %.1fs",
             self.config.name, self.weights.id, self.device, settings.dtype, self.engine.kind,
+            f" ({artifact.origin} artifact {artifact.path}, {artifact.key.isa})" if artifact else "",
             time.perf_counter() - start,
         )  # fmt: skip
         metrics.MODEL_INFO.labels(self.config.name, self.weights.id, str(self.device), settings.dtype).set(1)
@@ -86,6 +90,8 @@ class ModelRuntime:
             "device": str(self.device),
             "dtype": s.dtype,
             "engine": self.engine.kind,
+            "engine_artifact": self.engine.artifact.describe() if self.engine.artifact else None,
+            "engine_fallback": self.engine.fallback or "",
             "linears": self.engine.linears,
             "instances": {
                 "kind": s.instance_kind,

@@ -26,8 +26,15 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="compute dtype; float16/bfloat16 only on GPU"
     )
-    engine: Literal["auto", "compile", "trace", "eager"] = Field(
-        "auto", description="CPU execution path; auto = compile when a C++ compiler exists, else trace"
+    engine: Literal["auto", "aot", "compile", "trace", "eager"] = Field(
+        "auto",
+        description="CPU execution path; auto = aot (the compiled artifact, found in LEVIT_ENGINE_PATH or built "
+        "there when a C++ compiler exists), else trace",
+    )
+    engine_path: str = Field(
+        "",
+        description="folders holding compiled engine artifacts, ':'-separated, searched in order; new builds go "
+        "to the first writable one; empty = <LEVIT_CACHE_DIR>/engines",
     )
     instance_kind: Literal["process", "thread"] = Field(
         "process",

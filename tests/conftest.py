@@ -122,3 +122,20 @@ def server() -> Iterator[ServerThread]:
 @pytest.fixture
 def gate() -> Gate:
     return Gate()
+
+
+@pytest.fixture(scope="session")
+def engine_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the AOT artifact of what LEVIT_WEIGHTS=random serves (LeViT_128S, oneDNN linears).
+
+    Built once per test run (the one real AOTInductor compilation of the suite, tens of seconds), so servers
+    in tests can run the default engine with `engine_path=<this>, linears="onednn"` and start in seconds.
+    """
+    from model.engine import Engine
+    from model.fuse import fuse
+    from model.loader import random_model
+
+    store = tmp_path_factory.mktemp("engines")
+    engine = Engine(fuse(random_model("LeViT_128S")), "aot", 16, linears="onednn", artifact_dirs=[store])
+    assert engine.artifact is not None and engine.artifact.origin == "built"
+    return store

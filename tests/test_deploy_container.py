@@ -166,6 +166,15 @@ def test_baked_weights_are_served(container):
     assert weights["source"] == "official" and weights["pretrained"] and weights["sha256"], weights
 
 
+def test_serves_the_compiled_engine_baked_into_the_image(container):
+    """No compiler in the runtime image: the engine is the artifact its builder stage compiled, not trace."""
+    model = json.load(urllib.request.urlopen(container["http"] + "/v1/model", timeout=10))
+    assert model["engine"] == "aot", (model["engine"], model.get("engine_fallback"))
+    artifact = model["engine_artifact"]
+    assert artifact["origin"] == "cache" and artifact["path"].startswith("/opt/levit/engines/"), artifact
+    assert sh("exec", container["name"], "sh", "-c", "command -v g++ c++ cc", ok=False).returncode != 0
+
+
 def test_grpc_health(container):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -134,10 +134,14 @@ def gate() -> Gate:
 
 
 @pytest.fixture(scope="module")
-def live(gate: Gate) -> Iterator[Live]:
+def live(gate: Gate, engine_store: Path) -> Iterator[Live]:
     # A batch stays open while the model is busy (60 s), so held-back requests of both protocols meet in one.
+    # The default engine, from the suite's artifact: GetModel shows what users see (docs/grpc.md).
     srv = ServerThread(
         hook=gate,
+        engine="aot",
+        engine_path=str(engine_store),
+        linears="onednn",
         max_batch_size=4,
         max_batch_delay_ms=60_000,
         max_queue=6,
@@ -267,6 +271,7 @@ def test_get_model_equals_http(live: Live) -> None:
         over_grpc[name] = int(over_grpc[name])
     assert over_http["weights"]["sha256"] is None and over_grpc["weights"]["sha256"] == ""
     over_grpc["weights"]["sha256"] = None
+    assert over_http["engine_artifact"]["origin"] == "cache"
     assert over_grpc == over_http  # also fails when /v1/model gains a field the proto lacks
 
 
@@ -551,6 +556,8 @@ def shape(value: object) -> object:
         return {k: shape(v) for k, v in value.items()}
     if isinstance(value, list):
         return [shape(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "number"  # JSON writes a double such as build_s 35.0 as 35
     return type(value).__name__
 
 

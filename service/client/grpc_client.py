@@ -99,6 +99,7 @@ class GrpcClient:
         for name in _UINT64_FIELDS:
             body[name] = int(body[name])
         body["weights"]["sha256"] = body["weights"]["sha256"] or None
+        body.setdefault("engine_artifact", None)  # an unset message field: HTTP writes null
         return body
 
     def stream(self, k: int | None = None, *, timeout: float | None = None) -> ClassifyStream:

@@ -79,7 +79,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching", "instances", "linears")
+    __slots__ = ("name", "weights", "parameters", "macs_per_image", "input_size", "num_classes", "device", "dtype", "engine", "batching", "instances", "linears", "engine_artifact", "engine_fallback")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,8 @@ class ModelInfo(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     LINEARS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     weights: Weights
     parameters: int
@@ -104,7 +106,23 @@ class ModelInfo(_message.Message):
     batching: Batching
     instances: Instances
     linears: str
-    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ..., linears: _Optional[str] = ...) -> None: ...
+    engine_artifact: EngineArtifact
+    engine_fallback: str
+    def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ..., linears: _Optional[str] = ..., engine_artifact: _Optional[_Union[EngineArtifact, _Mapping]] = ..., engine_fallback: _Optional[str] = ...) -> None: ...
+
+class EngineArtifact(_message.Message):
+    __slots__ = ("origin", "path", "isa", "key", "build_s")
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ISA_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    origin: str
+    path: str
+    isa: str
+    key: str
+    build_s: float
+    def __init__(self, origin: _Optional[str] = ..., path: _Optional[str] = ..., isa: _Optional[str] = ..., key: _Optional[str] = ..., build_s: _Optional[float] = ...) -> None: ...
 
 class Instances(_message.Message):
     __slots__ = ("kind", "count", "threads", "workers")

@@ -1,0 +1,341 @@
+"""The compiled engine, built once and loaded in milliseconds: AOTInductor packages on disk.
+
+Compiling the model in every process at every start (`torch.compile`, five batch buckets) kept a new
+server from serving for about two minutes on 2 cores, and a container without a C++ compiler could not
+compile at all. Instead `torch.export` captures the fused model once with a *dynamic* batch dimension
+and AOTInductor compiles it into one shared library (a `.pt2` package) that loads without a compiler.
+One artifact serves every batch size: no bucket padding, one compilation instead of five, and it ran as
+fast as the in-process compiled engine at every bucket we measured (docs/benchmarks.md).
+
+An artifact is only as good as its key. Its file name is the digest of everything that changes the
+generated code or the numbers it returns: torch version, the CPU instruction set it was compiled for,
+dtype, linear-layer library, the model package's source, and the weights themselves (their bytes, so
+a changed checkpoint can never reuse an old artifact). On load the key is checked again, the ISA must
+be one this CPU runs, and the artifact's output on a probe batch must match the eager model: a stale,
+foreign or damaged artifact is rebuilt, or refused with a logged reason, never served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.configs import IMAGE_SIZE
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when the artifact layout or the export recipe changes
+MAX_BATCH = 256  # the dynamic dimension's upper bound: Settings.max_batch_size allows up to 256
+PROBE_RTOL = 1e-4  # artifact vs eager on the probe batch, relative to the largest logit
+_CODE_FILES = ("levit.py", "fuse.py", "engine.py", "configs.py", "aot.py")
+PACKAGE = "model.pt2"
+META = "meta.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that cannot be used here; the message says why in one line."""
+
+
+def cpu_isas() -> list[str]:
+    """Inductor's vector ISAs this CPU can run, best first (e.g. `avx512 avx512_vnni`, `avx512`, `avx2`)."""
+    from torch._inductor import cpu_vec_isa
+
+    return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+
+
+def native_isa() -> str:
+    """The ISA Inductor compiles for on this machine (honours `ATEN_CPU_CAPABILITY=avx2|avx512`)."""
+    from torch._inductor import cpu_vec_isa
+
+    return str(cpu_vec_isa.pick_vec_isa())
+
+
+def can_compile() -> bool:
+    """AOTInductor needs a C++ compiler; a runtime image may have none."""
+    return bool(shutil.which("g++") or shutil.which("c++"))
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the serving model's tensors (names, shapes, bytes): what the artifact freezes in."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """Everything that changes an artifact's code or results. Its digest names the artifact's folder."""
+
+    torch: str
+    isa: str
+    dtype: str
+    linears: str
+    code: str
+    weights: str
+    format: int = FORMAT
+
+    @classmethod
+    def of(cls, model: nn.Module, dtype: torch.dtype, linears: str, isa: str | None = None) -> ArtifactKey:
+        return cls(torch.__version__, isa or native_isa(), str(dtype).removeprefix("torch."), linears,
+                   _code_digest(), weights_digest(model))  # fmt: skip
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path  # the folder: model.pt2 + meta.json
+    key: ArtifactKey
+    origin: str  # "built" (this start) or "cache" (found on disk)
+    build_s: float | None = None
+
+    def describe(self) -> dict[str, object]:
+        return {"origin": self.origin, "path": str(self.path), "isa": self.key.isa, "key": self.key.digest,
+                "build_s": self.build_s}  # fmt: skip
+
+
+def search_path(spec: str, default: Path) -> list[Path]:
+    """`LEVIT_ENGINE_PATH`: folders separated by ':'; the first writable one receives new builds."""
+    return [Path(p) for p in spec.split(":") if p] if spec else [default]
+
+
+def _example(batch: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
+
+
+def _probe(dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1234)).to(dtype)
+
+
+def _read_meta(folder: Path) -> dict[str, object]:
+    try:
+        return json.loads((folder / META).read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{folder}: unreadable {META} ({error})") from None
+
+
+def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load an artifact for `key` and prove it: same key on disk, an ISA this CPU runs, the same numbers."""
+    meta = _read_meta(folder)
+    if meta.get("key") != asdict(key):
+        raise ArtifactError(f"{folder}: its key differs from this model's (stale or foreign artifact)")
+    if key.isa not in cpu_isas():
+        raise ArtifactError(f"{folder}: compiled for {key.isa}, which this CPU lacks ({', '.join(cpu_isas())})")
+    try:
+        runner = torch._inductor.aoti_load_package(str(folder / PACKAGE))
+    except Exception as error:  # a damaged or truncated package: torch raises RuntimeError or worse
+        raise ArtifactError(f"{folder}: cannot load {PACKAGE} ({type(error).__name__}: {error})") from None
+    probe = _probe(getattr(torch, key.dtype))
+    with torch.inference_mode():
+        got, want = runner(probe), reference(probe)
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    if not err <= PROBE_RTOL:  # `not <=` also catches NaN
+        raise ArtifactError(f"{folder}: output differs from the eager model (max rel err {err:.1e})")
+    return runner
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One builder per key across processes (several model instances start at once) and pods on a volume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def compile_package(model: nn.Module, dtype: torch.dtype, target: Path) -> float:
+    """torch.export with a dynamic batch, then AOTInductor with frozen weights; returns seconds taken."""
+    from torch.export import Dim
+
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad():
+        exported = torch.export.export(
+            model, (_example(4, dtype),), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},)
+        )
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(target), inductor_configs={"freezing": True}
+        )
+    return time.perf_counter() - start
+
+
+def compiled_isa(package: Path) -> str:
+    """The ISA AOTInductor recorded in the package (`AOTI_CPU_ISA`), as `cpu_isas()` spells it."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as archive:
+        for name in archive.namelist():
+            if name.endswith("wrapper_metadata.json"):
+                return str(json.loads(archive.read(name)).get("AOTI_CPU_ISA", "")).lower()
+    return ""
+
+
+@contextlib.contextmanager
+def _isa_env(isa: str) -> Iterator[None]:
+    """Inductor compiles for `ATEN_CPU_CAPABILITY` when set (avx2 or avx512 families)."""
+    previous = os.environ.get("ATEN_CPU_CAPABILITY")
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.split()[0]
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ATEN_CPU_CAPABILITY")
+        else:
+            os.environ["ATEN_CPU_CAPABILITY"] = previous
+
+
+def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
+    """Compile into `folder/<digest>`, atomically: a reader sees a whole artifact or none."""
+    final = folder / key.digest
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key.digest}-", dir=folder))
+    try:
+        with _isa_env(key.isa):
+            seconds = compile_package(model, getattr(torch, key.dtype), tmp / PACKAGE)
+        got = compiled_isa(tmp / PACKAGE)
+        if got != key.isa:  # the key must say what the code needs, or a CPU without it would crash
+            raise ArtifactError(f"asked Inductor for {key.isa}, it compiled for {got or 'no vector ISA'}")
+        meta = {"key": asdict(key), "build_s": round(seconds, 1), "built_at": time.time(), "python": sys.version}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)  # stale: failed its checks
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return seconds
+
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def find(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact] | None:
+    """The best artifact for this model in `dirs` that this CPU runs and that proves itself, or None.
+
+    The build machine's own ISA first, then any other this CPU has (an image's portable avx2 build will do).
+    Rejected artifacts are logged with the reason and kept in `find.rejected` for the caller's message.
+    """
+    isas = cpu_isas()
+    native = native_isa()
+    base = ArtifactKey.of(model, dtype, linears, native)
+    for isa in [native, *(i for i in isas if i != native)]:
+        key = replace(base, isa=isa)
+        for folder in dirs:
+            candidate = folder / key.digest
+            if not (candidate / META).exists():
+                continue
+            try:
+                runner = load(candidate, key, model)
+            except ArtifactError as error:
+                REJECTED.append(str(error))
+                log.warning("engine artifact rejected: %s", error)
+                continue
+            build_s = _read_meta(candidate).get("build_s")
+            return runner, Artifact(candidate, key, "cache", build_s if isinstance(build_s, float) else None)
+    return None
+
+
+REJECTED: list[str] = []  # why artifacts were refused in this process, for the fallback message
+
+
+def create(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact]:
+    """Compile an artifact for this CPU into the first writable folder of `dirs` (once, across processes).
+
+    Raises ArtifactError when it cannot be built here (no C++ compiler): the caller falls back.
+    """
+    if not can_compile():
+        why = "; ".join(REJECTED) or f"no artifact for this model and CPU in {', '.join(map(str, dirs))}"
+        raise ArtifactError(f"{why}, and no C++ compiler to build one")
+    key = ArtifactKey.of(model, dtype, linears, native_isa())
+    target = next((d for d in dirs if _writable(d)), None)
+    if target is None:  # read-only everywhere: build for this process alone
+        target = Path(tempfile.mkdtemp(prefix="levit-engine-"))
+        log.warning("no writable folder in %s: the engine artifact lives in %s for this run only", dirs, target)
+    with _locked(target):
+        candidate = target / key.digest
+        if (candidate / META).exists():  # another process built it while this one waited for the lock
+            with contextlib.suppress(ArtifactError):
+                return load(candidate, key, model), Artifact(candidate, key, "cache")
+        log.info("compiling the engine artifact for %s (%s, %s linears) into %s", key.isa, key.dtype, linears, target)
+        seconds = build(model, key, target)
+    return load(candidate, key, model), Artifact(candidate, key, "built", round(seconds, 1))
+
+
+def obtain(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact]:
+    """An artifact for this model on this CPU: found in `dirs`, else built into the first writable one."""
+    return find(model, dtype, linears, dirs) or create(model, dtype, linears, dirs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.aot`: build artifacts ahead of time (a container's builder stage)."""
+    from model.engine import onednn_linears
+    from model.fuse import fuse
+    from model.loader import load_weights
+
+    parser = argparse.ArgumentParser(prog="python -m model.aot", description=main.__doc__)
+    parser.add_argument("--model", default="LeViT_128S")
+    parser.add_argument("--weights", default="auto", help="auto | random | PATH | URL, as LEVIT_WEIGHTS")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="where the weights are (LEVIT_CACHE_DIR)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact folder (an entry of LEVIT_ENGINE_PATH)")
+    parser.add_argument("--isa", default="native", help="comma-separated: native, avx2 (a portable baseline)")
+    parser.add_argument("--linears", default="onednn,mkl", help="comma-separated: onednn, mkl")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trained, info = load_weights(args.model, args.weights, args.cache_dir)
+    fused = fuse(trained).eval()
+    isas = [] if "native" not in args.isa.split(",") else [native_isa()]
+    for wanted in args.isa.split(","):
+        if wanted != "native":
+            have = [isa for isa in cpu_isas() if isa == wanted]
+            if not have:
+                log.warning("skipping ISA %s: this CPU cannot compile for it (has %s)", wanted, ", ".join(cpu_isas()))
+            isas += [isa for isa in have if isa not in isas]
+    for linears in args.linears.split(","):
+        model = onednn_linears(fuse(trained).eval()) if linears == "onednn" else fused
+        for isa in isas:
+            key = ArtifactKey.of(model, torch.float32, linears, isa)
+            with _locked(args.out):
+                seconds = build(model, key, args.out)
+            load(args.out / key.digest, key, model)
+            log.info("built %s (%s, %s linears, weights %s) in %.0fs", args.out / key.digest, isa, linears,
+                     info.id, seconds)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

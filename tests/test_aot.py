@@ -1,0 +1,169 @@
+"""The compiled engine as an artifact on disk (model/aot.py): built once, found again, checked on load.
+
+One real AOTInductor build per test run (tens of seconds on 2 cores), shared by the module: every other
+test copies or damages that artifact, or points a real server at it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model import aot
+from model.engine import Engine, onednn_linears
+from model.fuse import fuse
+from model.loader import random_model
+from tests.conftest import photo
+from tests.helpers import random_levit
+from tests.stress.procs import ServerProcess
+
+VARIANT = "LeViT_128S"
+
+
+def served_model() -> torch.nn.Module:
+    """What a server with LEVIT_WEIGHTS=random builds: the seeded random model, fused."""
+    return fuse(random_model(VARIANT))
+
+
+@pytest.fixture(scope="module")
+def store(engine_store: Path) -> Path:
+    return engine_store  # tests/conftest.py built it: the suite's one real compilation
+
+
+@pytest.fixture(scope="module")
+def built(store: Path) -> Engine:
+    engine = Engine(served_model(), "aot", 16, linears="onednn", artifact_dirs=[store])
+    assert engine.kind == "aot" and engine.artifact is not None
+    return engine
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_artifact_matches_eager_at_every_batch_size(built: Engine) -> None:
+    reference = served_model()
+    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = reference(x)
+    for n in (1, 2, 3, 5, 8, 16):  # one artifact, any batch: no padding
+        assert _rel_err(built(x[:n]), expected[:n]) <= 1e-5, n
+    assert built.padded_size(5) == 5
+
+
+def test_a_fresh_folder_gets_a_build_then_serves_it(built: Engine, store: Path) -> None:
+    """The session fixture's build: a folder with the artifact and its key, nothing left half-written."""
+    assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == [built.artifact.key.digest]
+    assert sorted(p.name for p in built.artifact.path.iterdir()) == [aot.META, aot.PACKAGE]
+    assert json.loads((built.artifact.path / aot.META).read_text())["build_s"] > 0
+
+
+def test_second_start_loads_the_artifact_instead_of_compiling(built: Engine, store: Path) -> None:
+    again = Engine(served_model(), "aot", 16, linears="onednn", artifact_dirs=[store])
+    assert again.artifact is not None and again.artifact.origin == "cache"
+    assert again.artifact.path == built.artifact.path
+    assert again.artifact.key.isa == aot.native_isa()
+    assert json.loads((again.artifact.path / aot.META).read_text())["key"]["weights"] == aot.weights_digest(
+        onednn_linears(served_model())
+    )
+    x = torch.randn(4, 3, 224, 224)
+    torch.testing.assert_close(again(x), built(x), rtol=0, atol=0)
+
+
+def test_key_covers_weights_linears_isa_and_torch() -> None:
+    model = served_model()
+    base = aot.ArtifactKey.of(model, torch.float32, "onednn")
+    assert aot.ArtifactKey.of(served_model(), torch.float32, "onednn") == base  # deterministic
+    other_weights = aot.ArtifactKey.of(fuse(random_levit(VARIANT, seed=9)), torch.float32, "onednn")
+    variants = [other_weights, replace(base, linears="mkl"), replace(base, isa="avx2"), replace(base, torch="9.9")]
+    assert len({base.digest, *(k.digest for k in variants)}) == 5
+
+
+def _copy(artifact: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copytree(artifact, dest / artifact.name))
+
+
+def test_foreign_weights_are_refused_by_key_and_by_numbers(built: Engine, tmp_path: Path) -> None:
+    folder = _copy(built.artifact.path, tmp_path)
+    other = onednn_linears(fuse(random_levit(VARIANT, seed=9)))
+    other_key = aot.ArtifactKey.of(other, torch.float32, "onednn")
+    with pytest.raises(aot.ArtifactError, match="key differs"):
+        aot.load(folder, other_key, other)
+    # a meta file rewritten to claim the other weights: the probe batch still tells
+    meta = json.loads((folder / aot.META).read_text())
+    meta["key"]["weights"] = other_key.weights
+    (folder / aot.META).write_text(json.dumps(meta))
+    with pytest.raises(aot.ArtifactError, match="differs from the eager model"):
+        aot.load(folder, other_key, other)
+
+
+def test_artifact_for_an_isa_this_cpu_lacks_is_refused(built: Engine, tmp_path: Path) -> None:
+    folder = _copy(built.artifact.path, tmp_path)
+    key = replace(built.artifact.key, isa="amx_fp99")
+    meta = json.loads((folder / aot.META).read_text())
+    meta["key"]["isa"] = "amx_fp99"
+    (folder / aot.META).write_text(json.dumps(meta))
+    with pytest.raises(aot.ArtifactError, match="which this CPU lacks"):
+        aot.load(folder, key, built.model)
+
+
+def test_damaged_artifact_is_rebuilt(built: Engine, tmp_path: Path) -> None:
+    folder = _copy(built.artifact.path, tmp_path)
+    package = folder / aot.PACKAGE
+    package.write_bytes(package.read_bytes()[: package.stat().st_size // 3])
+    with pytest.raises(aot.ArtifactError, match="cannot load"):
+        aot.load(folder, built.artifact.key, built.model)
+
+
+def test_auto_without_compiler_or_artifact_falls_back_to_trace_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ to be found
+    engine = Engine(served_model(), "auto", 4, linears="onednn", artifact_dirs=[tmp_path / "empty"])
+    assert engine.kind == "trace" and engine.linears == "mkl" and engine.artifact is None
+    assert "no C++ compiler" in (engine.fallback or "")
+    x = torch.randn(2, 3, 224, 224)
+    assert _rel_err(engine(x), served_model()(x)) <= 1e-4
+    with pytest.raises(aot.ArtifactError):  # asked for explicitly: no silent fallback
+        Engine(served_model(), "aot", 4, linears="onednn", artifact_dirs=[tmp_path / "empty"])
+
+
+def test_found_artifact_needs_no_compiler(built: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runtime image has no compiler: it serves from the baked artifact, the second folder of its path."""
+    folder = _copy(built.artifact.path, tmp_path / "baked")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    dirs = [tmp_path / "volume", tmp_path / "baked"]
+    engine = Engine(served_model(), "auto", 16, linears="onednn", artifact_dirs=dirs)
+    assert engine.kind == "aot" and engine.artifact.origin == "cache" and engine.artifact.path == folder
+
+
+def test_server_starts_on_the_cached_artifact_and_says_so(built: Engine, store: Path) -> None:
+    """`python -m service` in the process model, engine auto: /v1/model names the artifact it loaded."""
+    server = ServerProcess(
+        LEVIT_ENGINE="auto",
+        LEVIT_LINEARS="onednn",
+        LEVIT_ENGINE_PATH=str(store),
+        LEVIT_INSTANCES="1",
+        LEVIT_THREADS="1",
+        LEVIT_WORKERS="1",
+        LEVIT_LOG_LEVEL="INFO",
+    )
+    try:
+        model = httpx.get(server.url + "/v1/model").json()
+        assert model["engine"] == "aot", model
+        assert model["engine_artifact"]["origin"] == "cache"
+        assert model["engine_artifact"]["path"] == str(built.artifact.path)
+        assert model["engine_fallback"] == ""
+        response = httpx.post(server.url + "/classify", files={"img": ("cat.jpg", photo("cat.jpg"))}, timeout=60)
+        assert response.status_code == 200, response.text
+    finally:
+        status = server.stop()
+    assert status == 0
+    assert "cache artifact" in server.logs()
