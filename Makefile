@@ -8,7 +8,7 @@ IMAGE ?= levit-serve
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 ENGINE ?= docker
 
-.PHONY: install run test test-stress lint format proto bench bench-model clean \
+.PHONY: install run test test-stress lint format proto bench bench-model bench-startup clean \
 	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema \
 	v2-tools test-v2 test-v2-perf
 
@@ -50,6 +50,11 @@ bench-model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.server
+	$(BIN)/python -m bench.startup
+
+# Time to ready per engine, cold (empty artifact and Inductor caches) and warm
+bench-startup: $(STAMP)
+	$(BIN)/python -m bench.startup
 
 deploy-tools:
 	bash scripts/ci_deploy_tools.sh

@@ -2,14 +2,15 @@
 
 Compiling the model in every process at every start (`torch.compile`, five batch buckets) kept a new
 server from serving for about two minutes on 2 cores, and a container without a C++ compiler could not
-compile at all. Instead `torch.export` captures the fused model once with a *dynamic* batch dimension
-and AOTInductor compiles it into one shared library (a `.pt2` package) that loads without a compiler.
-One artifact serves every batch size: no bucket padding, one compilation instead of five, and it ran as
-fast as the in-process compiled engine at every bucket we measured (docs/benchmarks.md).
+compile at all. Instead `torch.export` captures the fused model at each batch bucket and AOTInductor
+compiles each into a shared library (a `.pt2` package) that loads in milliseconds without a compiler.
+The buckets are static shapes, as in the in-process engine: one package with a dynamic batch dimension
+was measured 0.74x as fast at batch 16 (Inductor specialises loops and MKL's weight packing on the
+shape; docs/benchmarks.md). The buckets are compiled in parallel processes, one per core.
 
 An artifact is only as good as its key. Its file name is the digest of everything that changes the
 generated code or the numbers it returns: torch version, the CPU instruction set it was compiled for,
-dtype, linear-layer library, the model package's source, and the weights themselves (their bytes, so
+batch size, dtype, linear-layer library, the model package's source, and the weights themselves (their bytes, so
 a changed checkpoint can never reuse an old artifact). On load the key is checked again, the ISA must
 be one this CPU runs, and the artifact's output on a probe batch must match the eager model: a stale,
 foreign or damaged artifact is rebuilt, or refused with a logged reason, never served.
@@ -39,7 +40,6 @@ from model.configs import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the artifact layout or the export recipe changes
-MAX_BATCH = 256  # the dynamic dimension's upper bound: Settings.max_batch_size allows up to 256
 PROBE_RTOL = 1e-4  # artifact vs eager on the probe batch, relative to the largest logit
 _CODE_FILES = ("levit.py", "fuse.py", "engine.py", "configs.py", "aot.py")
 PACKAGE = "model.pt2"
@@ -97,12 +97,15 @@ class ArtifactKey:
     linears: str
     code: str
     weights: str
+    batch: int = 1
     format: int = FORMAT
 
     @classmethod
-    def of(cls, model: nn.Module, dtype: torch.dtype, linears: str, isa: str | None = None) -> ArtifactKey:
+    def of(
+        cls, model: nn.Module, dtype: torch.dtype, linears: str, isa: str | None = None, batch: int = 1
+    ) -> ArtifactKey:
         return cls(torch.__version__, isa or native_isa(), str(dtype).removeprefix("torch."), linears,
-                   _code_digest(), weights_digest(model))  # fmt: skip
+                   _code_digest(), weights_digest(model), batch)  # fmt: skip
 
     @property
     def digest(self) -> str:
@@ -111,14 +114,24 @@ class ArtifactKey:
 
 @dataclass(frozen=True)
 class Artifact:
-    path: Path  # the folder: model.pt2 + meta.json
-    key: ArtifactKey
-    origin: str  # "built" (this start) or "cache" (found on disk)
-    build_s: float | None = None
+    """The packages of one engine, one per batch bucket, all for the same ISA, linears and weights."""
+
+    folder: Path  # holds one sub-folder per bucket: <digest>/model.pt2 + meta.json
+    keys: dict[int, ArtifactKey]  # bucket -> key
+    origin: str  # "cache" (all found on disk), "built" (all compiled at this start), "cache+built"
+    build_s: float | None = None  # compile seconds of the buckets, summed, when known
+
+    @property
+    def isa(self) -> str:
+        return next(iter(self.keys.values())).isa
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(" ".join(k.digest for _, k in sorted(self.keys.items())).encode()).hexdigest()[:24]
 
     def describe(self) -> dict[str, object]:
-        return {"origin": self.origin, "path": str(self.path), "isa": self.key.isa, "key": self.key.digest,
-                "build_s": self.build_s}  # fmt: skip
+        return {"origin": self.origin, "path": str(self.folder), "isa": self.isa, "key": self.digest,
+                "build_s": self.build_s, "batch_sizes": sorted(self.keys)}  # fmt: skip
 
 
 def search_path(spec: str, default: Path) -> list[Path]:
@@ -130,8 +143,9 @@ def _example(batch: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
 
 
-def _probe(dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1234)).to(dtype)
+def _probe(batch: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(dtype)
 
 
 def _read_meta(folder: Path) -> dict[str, object]:
@@ -152,7 +166,7 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
         runner = torch._inductor.aoti_load_package(str(folder / PACKAGE))
     except Exception as error:  # a damaged or truncated package: torch raises RuntimeError or worse
         raise ArtifactError(f"{folder}: cannot load {PACKAGE} ({type(error).__name__}: {error})") from None
-    probe = _probe(getattr(torch, key.dtype))
+    probe = _probe(key.batch, getattr(torch, key.dtype))
     with torch.inference_mode():
         got, want = runner(probe), reference(probe)
     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
@@ -162,10 +176,10 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One builder per key across processes (several model instances start at once) and pods on a volume."""
+def _locked(folder: Path, name: str) -> Iterator[None]:
+    """One builder per bucket across processes (several model instances start at once) and pods on a volume."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as handle:
+    with open(folder / f".{name}.lock", "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -181,15 +195,11 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def compile_package(model: nn.Module, dtype: torch.dtype, target: Path) -> float:
-    """torch.export with a dynamic batch, then AOTInductor with frozen weights; returns seconds taken."""
-    from torch.export import Dim
-
+def compile_package(model: nn.Module, dtype: torch.dtype, batch: int, target: Path) -> float:
+    """torch.export at this batch size, then AOTInductor with frozen weights; returns seconds taken."""
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():
-        exported = torch.export.export(
-            model, (_example(4, dtype),), dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},)
-        )
+        exported = torch.export.export(model, (_example(batch, dtype),))
         torch._inductor.aoti_compile_and_package(
             exported, package_path=str(target), inductor_configs={"freezing": True}
         )
@@ -227,7 +237,7 @@ def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key.digest}-", dir=folder))
     try:
         with _isa_env(key.isa):
-            seconds = compile_package(model, getattr(torch, key.dtype), tmp / PACKAGE)
+            seconds = compile_package(model, getattr(torch, key.dtype), key.batch, tmp / PACKAGE)
         got = compiled_isa(tmp / PACKAGE)
         if got != key.isa:  # the key must say what the code needs, or a CPU without it would crash
             raise ArtifactError(f"asked Inductor for {key.isa}, it compiled for {got or 'no vector ISA'}")
@@ -242,68 +252,124 @@ def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-
-
-def find(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact] | None:
-    """The best artifact for this model in `dirs` that this CPU runs and that proves itself, or None.
-
-    The build machine's own ISA first, then any other this CPU has (an image's portable avx2 build will do).
-    Rejected artifacts are logged with the reason and kept in `find.rejected` for the caller's message.
-    """
-    isas = cpu_isas()
-    native = native_isa()
-    base = ArtifactKey.of(model, dtype, linears, native)
-    for isa in [native, *(i for i in isas if i != native)]:
-        key = replace(base, isa=isa)
-        for folder in dirs:
-            candidate = folder / key.digest
-            if not (candidate / META).exists():
-                continue
-            try:
-                runner = load(candidate, key, model)
-            except ArtifactError as error:
-                REJECTED.append(str(error))
-                log.warning("engine artifact rejected: %s", error)
-                continue
-            build_s = _read_meta(candidate).get("build_s")
-            return runner, Artifact(candidate, key, "cache", build_s if isinstance(build_s, float) else None)
-    return None
-
-
 REJECTED: list[str] = []  # why artifacts were refused in this process, for the fallback message
 
 
-def create(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact]:
-    """Compile an artifact for this CPU into the first writable folder of `dirs` (once, across processes).
+def _find_one(model: nn.Module, key: ArtifactKey, dirs: list[Path]) -> tuple[Runner, Path] | None:
+    for folder in dirs:
+        candidate = folder / key.digest
+        if not (candidate / META).exists():
+            continue
+        try:
+            return load(candidate, key, model), folder
+        except ArtifactError as error:
+            REJECTED.append(str(error))
+            log.warning("engine artifact rejected: %s", error)
+    return None
 
-    Raises ArtifactError when it cannot be built here (no C++ compiler): the caller falls back.
+
+def _build_s(folder: Path) -> float | None:
+    value = _read_meta(folder).get("build_s")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def find(
+    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
+) -> tuple[dict[int, Runner], Artifact] | None:
+    """A complete set of artifacts (every bucket) for this model that this CPU runs and that proves itself.
+
+    The build machine's own ISA first, then any other this CPU has (an image's portable avx2 set will do).
+    Rejected artifacts are logged with the reason and kept in REJECTED for the caller's message.
+    """
+    native = native_isa()
+    base = ArtifactKey.of(model, dtype, linears, native)
+    for isa in [native, *(i for i in cpu_isas() if i != native)]:
+        runners, keys, seconds, folder = {}, {}, 0.0, None
+        for batch in buckets:
+            key = replace(base, isa=isa, batch=batch)
+            hit = _find_one(model, key, dirs)
+            if hit is None:
+                break
+            runners[batch], folder = hit
+            keys[batch] = key
+            seconds += _build_s(folder / key.digest) or 0.0
+        else:
+            assert folder is not None
+            return runners, Artifact(folder, keys, "cache", round(seconds, 1) or None)
+    return None
+
+
+def _build_worker(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
+    """One bucket in a pool process: one thread for the compile, since the pool already uses every core."""
+    import torch._inductor.config as inductor_config
+
+    torch.set_num_threads(1)
+    inductor_config.compile_threads = 1
+    with _locked(folder, key.digest):  # one builder per bucket, also across several model processes
+        if (folder / key.digest / META).exists():
+            return _build_s(folder / key.digest) or 0.0
+        return build(model, key, folder)
+
+
+def build_all(model: nn.Module, keys: list[ArtifactKey], folder: Path, workers: int) -> dict[ArtifactKey, float]:
+    """Compile several buckets at once, one process each (spawned: a clean torch in each)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(keys) == 1:
+        return {key: _build_worker(model, key, folder) for key in keys}
+    with ProcessPoolExecutor(min(workers, len(keys)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {key: pool.submit(_build_worker, model, key, folder) for key in keys}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def create(
+    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
+) -> tuple[dict[int, Runner], Artifact]:
+    """Artifacts for every bucket for this CPU: those found are kept, the others are compiled into the first
+    writable folder of `dirs`, in parallel.
+
+    Raises ArtifactError when they cannot be built here (no C++ compiler): the caller falls back.
     """
     if not can_compile():
         why = "; ".join(REJECTED) or f"no artifact for this model and CPU in {', '.join(map(str, dirs))}"
         raise ArtifactError(f"{why}, and no C++ compiler to build one")
-    key = ArtifactKey.of(model, dtype, linears, native_isa())
+    base = ArtifactKey.of(model, dtype, linears, native_isa())
+    keys = {batch: replace(base, batch=batch) for batch in buckets}
     target = next((d for d in dirs if _writable(d)), None)
     if target is None:  # read-only everywhere: build for this process alone
         target = Path(tempfile.mkdtemp(prefix="levit-engine-"))
-        log.warning("no writable folder in %s: the engine artifact lives in %s for this run only", dirs, target)
-    with _locked(target):
-        candidate = target / key.digest
-        if (candidate / META).exists():  # another process built it while this one waited for the lock
-            with contextlib.suppress(ArtifactError):
-                return load(candidate, key, model), Artifact(candidate, key, "cache")
-        log.info("compiling the engine artifact for %s (%s, %s linears) into %s", key.isa, key.dtype, linears, target)
-        seconds = build(model, key, target)
-    return load(candidate, key, model), Artifact(candidate, key, "built", round(seconds, 1))
+        log.warning("no writable folder in %s: the engine artifacts live in %s for this run only", dirs, target)
+    runners: dict[int, Runner] = {}
+    for batch, key in keys.items():
+        if (hit := _find_one(model, key, dirs)) is not None:
+            runners[batch] = hit[0]
+    missing = [key for batch, key in keys.items() if batch not in runners]
+    log.info("compiling the engine for %s (%s, %s linears), batch sizes %s, into %s", base.isa, base.dtype,
+             linears, [k.batch for k in missing], target)  # fmt: skip
+    start = time.perf_counter()
+    seconds = build_all(model, missing, target, _cores())
+    log.info("compiled %d engine artifacts in %.1fs", len(missing), time.perf_counter() - start)
+    for key in missing:
+        runners[key.batch] = load(target / key.digest, key, model)
+    origin = "built" if len(missing) == len(keys) else "cache+built"
+    return runners, Artifact(target, keys, origin, round(sum(seconds.values()), 1))
 
 
-def obtain(model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path]) -> tuple[Runner, Artifact]:
-    """An artifact for this model on this CPU: found in `dirs`, else built into the first writable one."""
-    return find(model, dtype, linears, dirs) or create(model, dtype, linears, dirs)
+def obtain(
+    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
+) -> tuple[dict[int, Runner], Artifact]:
+    """Artifacts for this model on this CPU at every bucket: found in `dirs`, else built into the first writable."""
+    return find(model, dtype, linears, dirs, buckets) or create(model, dtype, linears, dirs, buckets)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.aot`: build artifacts ahead of time (a container's builder stage)."""
-    from model.engine import onednn_linears
+    from model.engine import bucket_sizes, onednn_linears
     from model.fuse import fuse
     from model.loader import load_weights
 
@@ -314,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="artifact folder (an entry of LEVIT_ENGINE_PATH)")
     parser.add_argument("--isa", default="native", help="comma-separated: native, avx2 (a portable baseline)")
     parser.add_argument("--linears", default="onednn,mkl", help="comma-separated: onednn, mkl")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="LEVIT_MAX_BATCH_SIZE: sets the buckets")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     trained, info = load_weights(args.model, args.weights, args.cache_dir)
-    fused = fuse(trained).eval()
     isas = [] if "native" not in args.isa.split(",") else [native_isa()]
     for wanted in args.isa.split(","):
         if wanted != "native":
@@ -325,15 +391,17 @@ def main(argv: list[str] | None = None) -> int:
             if not have:
                 log.warning("skipping ISA %s: this CPU cannot compile for it (has %s)", wanted, ", ".join(cpu_isas()))
             isas += [isa for isa in have if isa not in isas]
+    buckets = bucket_sizes(args.max_batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
     for linears in args.linears.split(","):
-        model = onednn_linears(fuse(trained).eval()) if linears == "onednn" else fused
-        for isa in isas:
-            key = ArtifactKey.of(model, torch.float32, linears, isa)
-            with _locked(args.out):
-                seconds = build(model, key, args.out)
+        model = onednn_linears(fuse(trained).eval()) if linears == "onednn" else fuse(trained).eval()
+        keys = [ArtifactKey.of(model, torch.float32, linears, isa, batch) for isa in isas for batch in buckets]
+        start = time.perf_counter()
+        build_all(model, keys, args.out, _cores())
+        for key in keys:
             load(args.out / key.digest, key, model)
-            log.info("built %s (%s, %s linears, weights %s) in %.0fs", args.out / key.digest, isa, linears,
-                     info.id, seconds)  # fmt: skip
+        log.info("built %d artifacts (%s linears, ISAs %s, batch sizes %s, weights %s) in %.0fs", len(keys),
+                 linears, ", ".join(isas), list(buckets), info.id, time.perf_counter() - start)  # fmt: skip
     return 0
 
 

@@ -1,10 +1,10 @@
 """Execution engines for the fused model: the fastest correct way to run a batch on this device.
 
-`aot` (the CPU default) is TorchInductor's code compiled ahead of time into an AOTInductor package with
-a dynamic batch (model/aot.py): built once, found on disk at the next start, loaded in milliseconds, no
-C++ compiler needed to run it. `compile` is the same Inductor code compiled in-process at every start;
-it specialises on shapes, so batches are padded up to a few bucket sizes, each compiled at warm-up
-(kept as the reference the artifact is measured against). `trace` (TorchScript trace + freeze) needs no
+`aot` (the CPU default) is TorchInductor's code compiled ahead of time into AOTInductor packages, one
+per batch bucket (model/aot.py): built once, found on disk at the next start, loaded in milliseconds, no
+C++ compiler needed to run them. `compile` is the same Inductor code compiled in-process at every start
+(kept as the reference the artifacts are measured against). Both specialise on shapes, so batches are
+padded up to a few bucket sizes. `trace` (TorchScript trace + freeze) needs no
 compiler; `eager` is the reference for numbers.
 """
 
@@ -136,9 +136,11 @@ class Engine:
         self.fallback: str | None = None  # why `auto` could not use the artifact
         self.linear_ms: dict[str, float] = {}
         if self.kind == "aot":
-            self._run = self._build_aot(linears, artifact_dirs or [Path(tempfile.mkdtemp(prefix="levit-engine-"))])
-            if self._run is not None:
-                self.buckets: tuple[int, ...] = ()
+            self.buckets: tuple[int, ...] = bucket_sizes(max_batch_size)
+            dirs = artifact_dirs or [Path(tempfile.mkdtemp(prefix="levit-engine-"))]
+            runners = self._build_aot(linears, dirs)
+            if runners is not None:
+                self._run = lambda x: runners[x.shape[0]](x)
                 return
         self.linears, self.linear_ms = self._choose_linears(linears)
         if self.linears == "onednn":
@@ -149,12 +151,12 @@ class Engine:
     def _with_linears(self, linears: str) -> nn.Module:
         return onednn_linears(copy.deepcopy(self._plain)) if linears == "onednn" else self._plain
 
-    def _build_aot(self, wanted: LinearKind, dirs: list[Path]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The artifact, found or built; with `auto` linears, the faster of the artifacts found.
+    def _build_aot(self, wanted: LinearKind, dirs: list[Path]) -> dict[int, Callable] | None:
+        """One artifact per bucket, found or built; with `auto` linears, the faster of the sets found.
 
         Timing the compiled artifacts themselves is both truer than the eager proxy and stable across
-        restarts: whichever artifacts a restart finds, it does not compile again because a noisy eager
-        timing flipped. Only when none is found does the eager timing choose which one to build.
+        restarts: whichever sets a restart finds, it does not compile again because a noisy eager timing
+        flipped. Only when none is found does the eager timing choose which set to build.
         Returns None after logging why, when `auto` falls back to trace.
         """
         from model import aot
@@ -162,21 +164,22 @@ class Engine:
         onednn = self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         names = [wanted] if wanted != "auto" else ["onednn", "mkl"] if onednn else ["mkl"]
         models = {name: self._with_linears(name) for name in names}
-        found = {name: hit for name in names if (hit := aot.find(models[name], self.dtype, name, dirs))}
+        found = {name: hit for name in names if (hit := aot.find(models[name], self.dtype, name, dirs, self.buckets))}
         try:
             if len(found) > 1:
-                x = self._example(min(self.max_batch_size, 16))
+                batch = self.padded_size(min(self.max_batch_size, 16))
+                x = self._example(batch)
                 with torch.inference_mode():
-                    self.linear_ms = _interleaved_medians({name: run for name, (run, _) in found.items()}, x)
+                    self.linear_ms = _interleaved_medians({n: runners[batch] for n, (runners, _) in found.items()}, x)
                 choice = min(self.linear_ms, key=self.linear_ms.__getitem__)
-                log.info("linears: %s (compiled artifacts, median ms: %s)", choice,
+                log.info("linears: %s (compiled artifacts at batch %d, median ms: %s)", choice, batch,
                          ", ".join(f"{k} {v:.1f}" for k, v in self.linear_ms.items()))  # fmt: skip
-                run, self.artifact = found[choice]
+                runners, self.artifact = found[choice]
             elif found:
-                ((choice, (run, self.artifact)),) = found.items()
+                ((choice, (runners, self.artifact)),) = found.items()
             else:
                 choice, self.linear_ms = (names[0], {}) if len(names) == 1 else self._choose_linears("auto")
-                run, self.artifact = aot.create(models[choice], self.dtype, choice, dirs)
+                runners, self.artifact = aot.create(models[choice], self.dtype, choice, dirs, self.buckets)
         except aot.ArtifactError as error:
             if not self.auto:
                 raise
@@ -185,7 +188,7 @@ class Engine:
             self.kind = "trace"
             return None
         self.linears, self.model = choice, models[choice]
-        return run
+        return runners
 
     def _choose_linears(self, wanted: LinearKind) -> tuple[str, dict[str, float]]:
         """CPU fp32 linears: oneDNN or MKL, by measurement unless set; "default" elsewhere."""

@@ -58,7 +58,9 @@ class ModelRuntime:
         log.info(
             "loaded %s (%s) on %s/%s engine=%s%s in %.1fs",
             self.config.name, self.weights.id, self.device, settings.dtype, self.engine.kind,
-            f" ({artifact.origin} artifact {artifact.path}, {artifact.key.isa})" if artifact else "",
+            f" ({artifact.origin} artifacts in {artifact.folder}, {artifact.isa}, batch sizes {sorted(artifact.keys)})"
+            if artifact
+            else "",
             time.perf_counter() - start,
         )  # fmt: skip
         metrics.MODEL_INFO.labels(self.config.name, self.weights.id, str(self.device), settings.dtype).set(1)

@@ -52,26 +52,30 @@ def test_artifact_matches_eager_at_every_batch_size(built: Engine) -> None:
     x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         expected = reference(x)
-    for n in (1, 2, 3, 5, 8, 16):  # one artifact, any batch: no padding
+    for n in (1, 2, 3, 5, 8, 16):  # one artifact per bucket; 3 and 5 are padded to 4 and 8
         assert _rel_err(built(x[:n]), expected[:n]) <= 1e-5, n
-    assert built.padded_size(5) == 5
+    assert built.buckets == (1, 2, 4, 8, 16) and built.padded_size(5) == 8
 
 
 def test_a_fresh_folder_gets_a_build_then_serves_it(built: Engine, store: Path) -> None:
-    """The session fixture's build: a folder with the artifact and its key, nothing left half-written."""
-    assert [p.name for p in store.iterdir() if not p.name.startswith(".")] == [built.artifact.key.digest]
-    assert sorted(p.name for p in built.artifact.path.iterdir()) == [aot.META, aot.PACKAGE]
-    assert json.loads((built.artifact.path / aot.META).read_text())["build_s"] > 0
+    """The session fixture's build: one folder per bucket with its package and key, nothing half-written."""
+    keys = built.artifact.keys
+    assert sorted(keys) == [1, 2, 4, 8, 16] and {k.batch for k in keys.values()} == set(keys)
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == sorted(
+        k.digest for k in keys.values()
+    )
+    for key in keys.values():
+        assert sorted(p.name for p in (store / key.digest).iterdir()) == [aot.META, aot.PACKAGE]
+        assert json.loads((store / key.digest / aot.META).read_text())["build_s"] > 0
 
 
 def test_second_start_loads_the_artifact_instead_of_compiling(built: Engine, store: Path) -> None:
     again = Engine(served_model(), "aot", 16, linears="onednn", artifact_dirs=[store])
     assert again.artifact is not None and again.artifact.origin == "cache"
-    assert again.artifact.path == built.artifact.path
-    assert again.artifact.key.isa == aot.native_isa()
-    assert json.loads((again.artifact.path / aot.META).read_text())["key"]["weights"] == aot.weights_digest(
-        onednn_linears(served_model())
-    )
+    assert again.artifact.folder == built.artifact.folder and again.artifact.keys == built.artifact.keys
+    assert again.artifact.isa == aot.native_isa()
+    meta = json.loads((store / again.artifact.keys[16].digest / aot.META).read_text())
+    assert meta["key"]["weights"] == aot.weights_digest(onednn_linears(served_model()))
     x = torch.randn(4, 3, 224, 224)
     torch.testing.assert_close(again(x), built(x), rtol=0, atol=0)
 
@@ -85,15 +89,17 @@ def test_key_covers_weights_linears_isa_and_torch() -> None:
     assert len({base.digest, *(k.digest for k in variants)}) == 5
 
 
-def _copy(artifact: Path, dest: Path) -> Path:
+def _copy(built: Engine, dest: Path, batch: int = 2) -> tuple[Path, aot.ArtifactKey]:
+    """One bucket's artifact folder, copied: tests damage copies, never the suite's store."""
+    key = built.artifact.keys[batch]
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copytree(artifact, dest / artifact.name))
+    return Path(shutil.copytree(built.artifact.folder / key.digest, dest / key.digest)), key
 
 
 def test_foreign_weights_are_refused_by_key_and_by_numbers(built: Engine, tmp_path: Path) -> None:
-    folder = _copy(built.artifact.path, tmp_path)
+    folder, key = _copy(built, tmp_path)
     other = onednn_linears(fuse(random_levit(VARIANT, seed=9)))
-    other_key = aot.ArtifactKey.of(other, torch.float32, "onednn")
+    other_key = aot.ArtifactKey.of(other, torch.float32, "onednn", batch=key.batch)
     with pytest.raises(aot.ArtifactError, match="key differs"):
         aot.load(folder, other_key, other)
     # a meta file rewritten to claim the other weights: the probe batch still tells
@@ -105,8 +111,8 @@ def test_foreign_weights_are_refused_by_key_and_by_numbers(built: Engine, tmp_pa
 
 
 def test_artifact_for_an_isa_this_cpu_lacks_is_refused(built: Engine, tmp_path: Path) -> None:
-    folder = _copy(built.artifact.path, tmp_path)
-    key = replace(built.artifact.key, isa="amx_fp99")
+    folder, key = _copy(built, tmp_path)
+    key = replace(key, isa="amx_fp99")
     meta = json.loads((folder / aot.META).read_text())
     meta["key"]["isa"] = "amx_fp99"
     (folder / aot.META).write_text(json.dumps(meta))
@@ -115,11 +121,11 @@ def test_artifact_for_an_isa_this_cpu_lacks_is_refused(built: Engine, tmp_path: 
 
 
 def test_damaged_artifact_is_rebuilt(built: Engine, tmp_path: Path) -> None:
-    folder = _copy(built.artifact.path, tmp_path)
+    folder, key = _copy(built, tmp_path)
     package = folder / aot.PACKAGE
     package.write_bytes(package.read_bytes()[: package.stat().st_size // 3])
     with pytest.raises(aot.ArtifactError, match="cannot load"):
-        aot.load(folder, built.artifact.key, built.model)
+        aot.load(folder, key, built.model)
 
 
 def test_auto_without_compiler_or_artifact_falls_back_to_trace_with_a_reason(
@@ -137,11 +143,12 @@ def test_auto_without_compiler_or_artifact_falls_back_to_trace_with_a_reason(
 
 def test_found_artifact_needs_no_compiler(built: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A runtime image has no compiler: it serves from the baked artifact, the second folder of its path."""
-    folder = _copy(built.artifact.path, tmp_path / "baked")
+    for batch in (1, 2, 4):
+        _copy(built, tmp_path / "baked", batch)
     monkeypatch.setenv("PATH", str(tmp_path))
     dirs = [tmp_path / "volume", tmp_path / "baked"]
-    engine = Engine(served_model(), "auto", 16, linears="onednn", artifact_dirs=dirs)
-    assert engine.kind == "aot" and engine.artifact.origin == "cache" and engine.artifact.path == folder
+    engine = Engine(served_model(), "auto", 4, linears="onednn", artifact_dirs=dirs)
+    assert engine.kind == "aot" and engine.artifact.origin == "cache" and engine.artifact.folder == dirs[1]
 
 
 def test_server_starts_on_the_cached_artifact_and_says_so(built: Engine, store: Path) -> None:
@@ -159,11 +166,12 @@ def test_server_starts_on_the_cached_artifact_and_says_so(built: Engine, store: 
         model = httpx.get(server.url + "/v1/model").json()
         assert model["engine"] == "aot", model
         assert model["engine_artifact"]["origin"] == "cache"
-        assert model["engine_artifact"]["path"] == str(built.artifact.path)
+        assert model["engine_artifact"]["path"] == str(built.artifact.folder)
+        assert model["engine_artifact"]["batch_sizes"] == [1, 2, 4, 8, 16]
         assert model["engine_fallback"] == ""
         response = httpx.post(server.url + "/classify", files={"img": ("cat.jpg", photo("cat.jpg"))}, timeout=60)
         assert response.status_code == 200, response.text
     finally:
         status = server.stop()
     assert status == 0
-    assert "cache artifact" in server.logs()
+    assert "engine=aot (cache artifacts in" in server.logs()

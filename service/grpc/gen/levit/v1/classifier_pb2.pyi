@@ -111,18 +111,20 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weights: _Optional[_Union[Weights, _Mapping]] = ..., parameters: _Optional[int] = ..., macs_per_image: _Optional[int] = ..., input_size: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., batching: _Optional[_Union[Batching, _Mapping]] = ..., instances: _Optional[_Union[Instances, _Mapping]] = ..., linears: _Optional[str] = ..., engine_artifact: _Optional[_Union[EngineArtifact, _Mapping]] = ..., engine_fallback: _Optional[str] = ...) -> None: ...
 
 class EngineArtifact(_message.Message):
-    __slots__ = ("origin", "path", "isa", "key", "build_s")
+    __slots__ = ("origin", "path", "isa", "key", "build_s", "batch_sizes")
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ISA_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     BUILD_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     origin: str
     path: str
     isa: str
     key: str
     build_s: float
-    def __init__(self, origin: _Optional[str] = ..., path: _Optional[str] = ..., isa: _Optional[str] = ..., key: _Optional[str] = ..., build_s: _Optional[float] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, origin: _Optional[str] = ..., path: _Optional[str] = ..., isa: _Optional[str] = ..., key: _Optional[str] = ..., build_s: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Instances(_message.Message):
     __slots__ = ("kind", "count", "threads", "workers")
