@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -51,16 +52,28 @@ class ArtifactError(RuntimeError):
 
 
 def cpu_isas() -> list[str]:
-    """Inductor's vector ISAs this CPU can run, best first (e.g. `avx512 avx512_vnni`, `avx512`, `avx2`)."""
+    """Inductor's vector ISAs this CPU can run, best first (e.g. `avx512 avx512_vnni`, `avx512`, `avx2`).
+
+    Read from the CPU's flags, not from Inductor's own check, which compiles a test program: a runtime
+    image has no compiler and must still tell which of its baked artifacts this CPU can run.
+    """
     from torch._inductor import cpu_vec_isa
 
-    return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] if can_compile() else []
+    flags = set(cpu_vec_isa.x86_isa_checker())
+    return [
+        str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if str(isa).split() and set(str(isa).split()) <= flags
+    ]
 
 
 def native_isa() -> str:
-    """The ISA Inductor compiles for on this machine (honours `ATEN_CPU_CAPABILITY=avx2|avx512`)."""
+    """The ISA Inductor compiles for on this machine (honours `ATEN_CPU_CAPABILITY=avx2|avx512`); without a
+    compiler, the best this CPU runs."""
     from torch._inductor import cpu_vec_isa
 
+    if not can_compile():
+        return next(iter(cpu_isas()), "")
     return str(cpu_vec_isa.pick_vec_isa())
 
 

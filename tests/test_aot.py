@@ -7,7 +7,10 @@ test copies or damages that artifact, or points a real server at it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from model import aot
 from model.engine import Engine, onednn_linears
 from model.fuse import fuse
 from model.loader import random_model
-from tests.conftest import photo
+from tests.conftest import ROOT, photo
 from tests.helpers import random_levit
 from tests.stress.procs import ServerProcess
 
@@ -141,14 +144,49 @@ def test_auto_without_compiler_or_artifact_falls_back_to_trace_with_a_reason(
         Engine(served_model(), "aot", 4, linears="onednn", artifact_dirs=[tmp_path / "empty"])
 
 
-def test_found_artifact_needs_no_compiler(built: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A runtime image has no compiler: it serves from the baked artifact, the second folder of its path."""
+NO_COMPILER = """
+import json, sys
+from pathlib import Path
+from model.engine import Engine
+from model.fuse import fuse
+from model.loader import random_model
+from model import aot
+assert not aot.can_compile()
+dirs = [Path(p) for p in sys.argv[1:]]
+engine = Engine(fuse(random_model("LeViT_128S")), "auto", 4, linears="onednn", artifact_dirs=dirs)
+print(json.dumps({"kind": engine.kind, "artifact": engine.artifact and engine.artifact.describe(),
+                  "fallback": engine.fallback}))
+"""
+
+
+def _without_compiler(tmp_path: Path, *dirs: Path) -> dict:
+    """A fresh interpreter whose PATH has no C++ compiler, as in the runtime image (nothing cached from here)."""
+    empty = tmp_path / "bin"
+    empty.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER, *map(str, dirs)],
+        cwd=ROOT, env={**os.environ, "PATH": str(empty)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_found_artifact_needs_no_compiler(built: Engine, tmp_path: Path) -> None:
+    """A runtime image has no compiler: it serves from the baked artifacts, the second folder of its path."""
     for batch in (1, 2, 4):
         _copy(built, tmp_path / "baked", batch)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    dirs = [tmp_path / "volume", tmp_path / "baked"]
-    engine = Engine(served_model(), "auto", 4, linears="onednn", artifact_dirs=dirs)
-    assert engine.kind == "aot" and engine.artifact.origin == "cache" and engine.artifact.folder == dirs[1]
+    got = _without_compiler(tmp_path, tmp_path / "volume", tmp_path / "baked")
+    assert got["kind"] == "aot" and got["fallback"] is None, got
+    assert got["artifact"]["origin"] == "cache" and got["artifact"]["path"] == str(tmp_path / "baked")
+    assert got["artifact"]["batch_sizes"] == [1, 2, 4]
+
+
+def test_without_compiler_a_missing_bucket_means_trace_with_the_reason(built: Engine, tmp_path: Path) -> None:
+    for batch in (1, 2):  # bucket 4 is missing and cannot be compiled here
+        _copy(built, tmp_path / "baked", batch)
+    got = _without_compiler(tmp_path, tmp_path / "baked")
+    assert got["kind"] == "trace" and got["artifact"] is None
+    assert "no C++ compiler" in got["fallback"]
 
 
 def test_server_starts_on_the_cached_artifact_and_says_so(built: Engine, store: Path) -> None:

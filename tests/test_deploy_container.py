@@ -48,6 +48,9 @@ def _engine() -> str:
 
 
 ENGINE = _engine()
+# The first test pays for the image build: minutes, most of them the builder stage compiling the engine
+# (model/aot.py, one package per bucket, ISA and linears), beyond the suite's 300 s per test.
+pytestmark = pytest.mark.timeout(2400)
 FLAGS = shlex.split(os.environ.get("CONTAINER_FLAGS", ""))
 
 
