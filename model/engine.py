@@ -135,6 +135,7 @@ class Engine:
         self.artifact: Artifact | None = None
         self.fallback: str | None = None  # why `auto` could not use the artifact
         self.linear_ms: dict[str, float] = {}
+        self.threads_for: dict[int, int] = {}  # bucket -> intra-op threads, when tune_threads() chose them
         if self.kind == "aot":
             self.buckets: tuple[int, ...] = bucket_sizes(max_batch_size)
             dirs = artifact_dirs or [Path(tempfile.mkdtemp(prefix="levit-engine-"))]
@@ -226,6 +227,33 @@ class Engine:
         for size in sizes:
             self(self._example(size))
 
+    def tune_threads(self, threads: int, trials: int = LINEAR_TRIALS) -> dict[int, int]:
+        """Per bucket, the faster of 1 and `threads` intra-op threads on this CPU, timed now; used from then on.
+
+        With OpenMP's passive wait policy (model processes, `LEVIT_THREAD_POLICY=sleep`) a team's threads
+        sleep at barriers instead of spinning, which leaves cores to decoding under load, but every parallel
+        region then pays a wake-up: small batches can run faster on one thread. Which batch sizes do is a
+        property of the CPU and the model, so it is measured, not assumed.
+        """
+        if threads <= 1 or self.device.type != "cpu":
+            return {}
+        chosen = {}
+        for size in self.buckets or sorted({1, self.max_batch_size}):
+            x = self._example(size)
+            runs = {n: (lambda x, n=n: self._timed_call(x, n)) for n in (1, threads)}
+            with torch.inference_mode():
+                medians = _interleaved_medians(runs, x, trials)
+            chosen[size] = min(medians, key=medians.__getitem__)
+            log.info("batch %d: %d thread(s) (median ms: %s)", size, chosen[size],
+                     ", ".join(f"{k} threads {v:.1f}" for k, v in medians.items()))  # fmt: skip
+        torch.set_num_threads(threads)
+        self.threads_for = chosen
+        return chosen
+
+    def _timed_call(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        return self._run(x)
+
     def padded_size(self, batch: int) -> int:
         for size in self.buckets:
             if size >= batch:
@@ -240,5 +268,8 @@ class Engine:
         padded = self.padded_size(n)
         if padded != n:
             batch = torch.cat([batch, batch.new_zeros(padded - n, *batch.shape[1:])])
+        threads = self.threads_for.get(padded)
+        if threads and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             return self._run(batch)[:n].float()

@@ -71,6 +71,8 @@ class ModelRuntime:
         runtime = cls(settings)
         start = time.perf_counter()
         runtime.engine.warmup()
+        if settings.thread_policy == "sleep" and settings.instance_kind == "process":
+            runtime.engine.tune_threads(torch.get_num_threads())
         log.info("warm-up done in %.1fs (batch sizes %s)", time.perf_counter() - start, runtime.engine.buckets or "any")
         return runtime
 
@@ -99,6 +101,8 @@ class ModelRuntime:
                 "kind": s.instance_kind,
                 "count": s.instances or 1,
                 "threads": torch.get_num_threads(),
+                "policy": s.thread_policy if s.instance_kind == "process" else "spin",
+                "threads_by_batch": {str(k): v for k, v in self.engine.threads_for.items()},
                 "workers": s.workers or 1,
             },
             "batching": {

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
+    thread_policy: Literal["spin", "sleep"] = Field(
+        "spin",
+        description="model processes on CPU: spin = OpenMP threads spin at barriers, LEVIT_THREADS for every batch "
+        "(lowest latency); sleep = they sleep there (OMP_WAIT_POLICY=PASSIVE), leaving cores to decoding, and each "
+        "batch bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (more "
+        "throughput at high concurrency, slower single requests: docs/benchmarks.md)",
+    )
     pin_cores: bool = Field(
         False,
         description="each model process on its own cores, the front-ends on the rest (if instances leave any)",

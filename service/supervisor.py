@@ -81,6 +81,10 @@ class Supervisor:
         from service.batching import instance as instance_module
 
         if child.role == "model":
+            if self.settings.thread_policy == "sleep" and self.topology.device == "cpu":
+                # read once by OpenMP when torch loads in the child: its threads then sleep at barriers
+                # instead of spinning on cores the front-ends need for decoding (docs/benchmarks.md)
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             spec = instance_module.InstanceSpec(
                 child.index,
                 int(self.ring.instance_epoch[child.index]),

@@ -552,6 +552,8 @@ def documented_commands(markdown: str, program: str) -> list[tuple[str, str]]:
 
 def shape(value: object) -> object:
     """Keys and types, not values: predictions of random weights differ between engines and batch sizes."""
+    if isinstance(value, dict) and all(k.isdigit() for k in value):
+        return "map"  # threads_by_batch: its keys are this server's buckets, empty in the thread model
     if isinstance(value, dict):
         return {k: shape(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -80,7 +80,9 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
         names = server.children()
         assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
         info = httpx.get(server.url + "/v1/model").json()
-        assert info["instances"] == {"kind": "process", "count": 2, "threads": 1, "workers": 2}
+        assert info["instances"] == {
+            "kind": "process", "count": 2, "threads": 1, "workers": 2, "policy": "spin", "threads_by_batch": {}
+        }  # fmt: skip
         before = metric(scrape(server.url), "levit_images_classified_total")
         statuses = burst(server, 24)  # 24 connections: the kernel hands them to both front-ends
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -94,6 +96,23 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
         # Whichever front-end answers the scrape, it reports every process's images.
         for _ in range(4):
             assert metric(scrape(server.url), "levit_images_classified_total") - before == 24 + 1 + 1
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+
+
+def test_sleep_policy_times_threads_per_bucket_with_sleeping_openmp_threads() -> None:
+    """LEVIT_THREAD_POLICY=sleep: the model process runs with OMP_WAIT_POLICY=PASSIVE and reports, per batch
+    size it compiled or warmed, the thread count (1 or LEVIT_THREADS) that was faster when timed at start."""
+    server = Proc(LEVIT_THREAD_POLICY="sleep", LEVIT_INSTANCES="1", LEVIT_THREADS="2", LEVIT_MAX_BATCH_SIZE="4")
+    try:
+        instances = httpx.get(server.url + "/v1/model").json()["instances"]
+        assert instances["policy"] == "sleep", instances
+        assert set(instances["threads_by_batch"]) == {"1", "4"}, instances  # eager engine: sizes 1 and max
+        assert set(instances["threads_by_batch"].values()) <= {1, 2}
+        with open(f"/proc/{server.children()['levit-model-0']}/environ", "rb") as environ:
+            assert b"OMP_WAIT_POLICY=PASSIVE" in environ.read().split(b"\0")
+        assert server.classify().status_code == 200
     finally:
         code, err = server.finish()
     assert code == 0, err
