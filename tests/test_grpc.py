@@ -556,8 +556,8 @@ def shape(value: object) -> object:
         return "map"  # threads_by_batch: its keys are this server's buckets, empty in the thread model
     if isinstance(value, dict):
         return {k: shape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shape(v) for v in value]
+    if isinstance(value, list):  # the items' shapes, not their count (batch_sizes follow the server's max batch)
+        return sorted({json.dumps(shape(v), sort_keys=True) for v in value})
     if isinstance(value, int | float) and not isinstance(value, bool):
         return "number"  # JSON writes a double such as build_s 35.0 as 35
     return type(value).__name__
