@@ -379,13 +379,6 @@ def create(
     return runners, Artifact(target, keys, origin, round(sum(seconds.values()), 1))
 
 
-def obtain(
-    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
-) -> tuple[dict[int, Runner], Artifact]:
-    """Artifacts for this model on this CPU at every bucket: found in `dirs`, else built into the first writable."""
-    return find(model, dtype, linears, dirs, buckets) or create(model, dtype, linears, dirs, buckets)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.aot`: build artifacts ahead of time (a container's builder stage)."""
     from model.engine import bucket_sizes, onednn_linears
