@@ -26,8 +26,9 @@ pytestmark = pytest.mark.stress
 CAT = photo("cat.jpg")
 FILES = {"img": ("cat.jpg", CAT, "image/jpeg")}
 TIMEOUT_MS = 5000  # the surge's deadline, or more: see `surge_deadline_ms`
-HEADROOM = 10  # the deadline over what the queue bound needs at the calibrated batch time: batches slow
-# down several times over once 400 clients compete with the model for the two cores
+HEADROOM = 20  # the deadline over what the queue bound needs at the calibrated batch time: batches slow
+# down several times over once 400 clients compete with the model for the two cores (5-10x measured), and
+# both p99s are histogram bucket edges, which can overstate their ratio up to 2x (0.15 s covers 0.1-0.15 s)
 MAX_QUEUE = 48
 MAX_BATCH = 16
 SURGE_S = 15
