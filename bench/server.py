@@ -223,7 +223,6 @@ class ModelOnly:
     def __init__(self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto") -> None:
         import torch
 
-        from model.aot import search_path
         from model.engine import Engine
         from model.fuse import fuse
         from model.loader import random_model
@@ -233,8 +232,7 @@ class ModelOnly:
         self.threads = threads
         torch.set_num_threads(threads)
         linears = linears if linears in ("onednn", "mkl") else "auto"
-        defaults = Settings()  # the server's artifact folders (LEVIT_ENGINE_PATH): the same artifact, not a rebuild
-        dirs = search_path(defaults.engine_path, defaults.cache_dir / "engines")
+        dirs = Settings().engine_dirs  # the server's artifact folders: the same artifacts, not a rebuild
         self.engine = Engine(fuse(random_model(model)), engine, max_batch_size, linears=linears, artifact_dirs=dirs)
         sizes = {1, max_batch_size, max(1, max_batch_size // 2)}
         self.batches = sorted(sizes)

@@ -153,11 +153,6 @@ class Artifact:
                 "build_s": self.build_s, "batch_sizes": sorted(self.keys)}  # fmt: skip
 
 
-def search_path(spec: str, default: Path) -> list[Path]:
-    """`LEVIT_ENGINE_PATH`: folders separated by ':'; the first writable one receives new builds."""
-    return [Path(p) for p in spec.split(":") if p] if spec else [default]
-
-
 def _example(batch: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(batch, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=dtype)
 
@@ -271,10 +266,11 @@ def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
 
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-REJECTED: list[str] = []  # why artifacts were refused in this process, for the fallback message
 
 
-def _find_one(model: nn.Module, key: ArtifactKey, dirs: list[Path]) -> tuple[Runner, Path] | None:
+def _find_one(
+    model: nn.Module, key: ArtifactKey, dirs: list[Path], rejected: list[str] | None = None
+) -> tuple[Runner, Path] | None:
     for folder in dirs:
         candidate = folder / key.digest
         if not (candidate / META).exists():
@@ -282,7 +278,8 @@ def _find_one(model: nn.Module, key: ArtifactKey, dirs: list[Path]) -> tuple[Run
         try:
             return load(candidate, key, model), folder
         except ArtifactError as error:
-            REJECTED.append(str(error))
+            if rejected is not None:
+                rejected.append(str(error))
             log.warning("engine artifact rejected: %s", error)
     return None
 
@@ -293,12 +290,17 @@ def _build_s(folder: Path) -> float | None:
 
 
 def find(
-    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
+    model: nn.Module,
+    dtype: torch.dtype,
+    linears: str,
+    dirs: list[Path],
+    buckets: tuple[int, ...],
+    rejected: list[str] | None = None,
 ) -> tuple[dict[int, Runner], Artifact] | None:
     """A complete set of artifacts (every bucket) for this model that this CPU runs and that proves itself.
 
     The build machine's own ISA first, then any other this CPU has (an image's portable avx2 set will do).
-    Rejected artifacts are logged with the reason and kept in REJECTED for the caller's message.
+    Rejected artifacts are logged with the reason, which is also added to `rejected` for the caller's message.
     """
     native = native_isa()
     base = ArtifactKey.of(model, dtype, linears, native)
@@ -306,7 +308,7 @@ def find(
         runners, keys, seconds, folder = {}, {}, 0.0, None
         for batch in buckets:
             key = replace(base, isa=isa, batch=batch)
-            hit = _find_one(model, key, dirs)
+            hit = _find_one(model, key, dirs, rejected)
             if hit is None:
                 break
             runners[batch], folder = hit
@@ -347,15 +349,21 @@ def _cores() -> int:
 
 
 def create(
-    model: nn.Module, dtype: torch.dtype, linears: str, dirs: list[Path], buckets: tuple[int, ...]
+    model: nn.Module,
+    dtype: torch.dtype,
+    linears: str,
+    dirs: list[Path],
+    buckets: tuple[int, ...],
+    rejected: tuple[str, ...] = (),
 ) -> tuple[dict[int, Runner], Artifact]:
     """Artifacts for every bucket for this CPU: those found are kept, the others are compiled into the first
     writable folder of `dirs`, in parallel.
 
-    Raises ArtifactError when they cannot be built here (no C++ compiler): the caller falls back.
+    Raises ArtifactError when they cannot be built here (no C++ compiler), naming `rejected` (why the
+    artifacts found were refused): the caller falls back.
     """
     if not can_compile():
-        why = "; ".join(REJECTED) or f"no artifact for this model and CPU in {', '.join(map(str, dirs))}"
+        why = "; ".join(rejected) or f"no artifact for this model and CPU in {', '.join(map(str, dirs))}"
         raise ArtifactError(f"{why}, and no C++ compiler to build one")
     base = ArtifactKey.of(model, dtype, linears, native_isa())
     keys = {batch: replace(base, batch=batch) for batch in buckets}

@@ -165,7 +165,12 @@ class Engine:
         onednn = self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         names = [wanted] if wanted != "auto" else ["onednn", "mkl"] if onednn else ["mkl"]
         models = {name: self._with_linears(name) for name in names}
-        found = {name: hit for name in names if (hit := aot.find(models[name], self.dtype, name, dirs, self.buckets))}
+        rejected: list[str] = []
+        found = {
+            name: hit
+            for name in names
+            if (hit := aot.find(models[name], self.dtype, name, dirs, self.buckets, rejected))
+        }
         try:
             if len(found) > 1:
                 batch = self.padded_size(min(self.max_batch_size, 16))
@@ -180,7 +185,9 @@ class Engine:
                 ((choice, (runners, self.artifact)),) = found.items()
             else:
                 choice, self.linear_ms = (names[0], {}) if len(names) == 1 else self._choose_linears("auto")
-                runners, self.artifact = aot.create(models[choice], self.dtype, choice, dirs, self.buckets)
+                runners, self.artifact = aot.create(
+                    models[choice], self.dtype, choice, dirs, self.buckets, tuple(rejected)
+                )
         except aot.ArtifactError as error:
             if not self.auto:
                 raise

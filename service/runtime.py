@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from model.aot import search_path
 from model.configs import IMAGE_SIZE, get_config
 from model.cost import count_macs, count_params
 from model.engine import Engine
@@ -50,9 +49,14 @@ class ModelRuntime:
         )
         self.params = count_params(trained)
         self.macs = count_macs(self.config)
-        dirs = search_path(settings.engine_path, settings.cache_dir / "engines")
         self.engine = Engine(
-            fuse(trained), settings.engine, settings.max_batch_size, self.device, dtype, settings.linears, dirs
+            fuse(trained),
+            settings.engine,
+            settings.max_batch_size,
+            self.device,
+            dtype,
+            settings.linears,
+            settings.engine_dirs,
         )
         artifact = self.engine.artifact
         log.info(

@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def engine_dirs(self) -> list[Path]:
+        """LEVIT_ENGINE_PATH as folders: ':'-separated, the first writable one receives new builds."""
+        if self.engine_path:
+            return [Path(p) for p in self.engine_path.split(":") if p]
+        return [self.cache_dir / "engines"]
+
+    @property
     def env_names(self) -> list[str]:
         return [f"LEVIT_{name.upper()}" for name in type(self).model_fields]
 
