@@ -40,7 +40,15 @@ from torch import nn
 from model.configs import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when the artifact layout or the export recipe changes
+FORMAT = 2  # bump when the artifact layout or the export recipe changes (2: kernels parallel for any team)
+# Inductor writes `#pragma omp parallel num_threads(N)` into every kernel, N being the compiling process's
+# thread count, unless told the team is dynamic. Built in a one-thread pool worker, format 1's kernels were
+# all serial (0.84x the in-process engine at batch 16 on 2 threads). Dynamic kernels take the serving
+# process's team, whatever LEVIT_THREADS or the container's CPU limit makes it; the hint only decides how
+# many loop levels are split (enough for teams up to 8), and measured the same as kernels compiled for
+# exactly 2 threads (docs/benchmarks.md).
+KERNEL_THREADS_HINT = 8
+INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True, "cpp.threads": KERNEL_THREADS_HINT}
 PROBE_RTOL = 1e-4  # artifact vs eager on the probe batch, relative to the largest logit
 _CODE_FILES = ("levit.py", "fuse.py", "configs.py")  # what defines the exported graph, with OneDnnLinear
 PACKAGE = "model.pt2"
@@ -117,6 +125,7 @@ class ArtifactKey:
     code: str
     weights: str
     batch: int = 1
+    kernel_threads: str = f"dynamic:{KERNEL_THREADS_HINT}"  # the OpenMP team the kernels are written for
     format: int = FORMAT
 
     @classmethod
@@ -210,12 +219,13 @@ def _writable(folder: Path) -> bool:
 
 
 def compile_package(model: nn.Module, dtype: torch.dtype, batch: int, target: Path) -> float:
-    """torch.export at this batch size, then AOTInductor with frozen weights; returns seconds taken."""
+    """torch.export at this batch size, then AOTInductor with frozen weights and kernels parallel over
+    whatever OpenMP team runs them (INDUCTOR_CONFIGS); returns seconds taken."""
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():
         exported = torch.export.export(model, (_example(batch, dtype),))
         torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(target), inductor_configs={"freezing": True}
+            exported, package_path=str(target), inductor_configs=dict(INDUCTOR_CONFIGS)
         )
     return time.perf_counter() - start
 
@@ -321,7 +331,11 @@ def find(
 
 
 def _build_worker(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
-    """One bucket in a pool process: one thread for the compile, since the pool already uses every core."""
+    """One bucket in a pool process: one thread for the compile, since the pool already uses every core.
+
+    The generated kernels do not inherit this one thread: INDUCTOR_CONFIGS makes them parallel over the team
+    of whichever process runs them.
+    """
     import torch._inductor.config as inductor_config
 
     torch.set_num_threads(1)

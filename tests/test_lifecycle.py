@@ -34,7 +34,15 @@ def start(env: dict[str, str], *args: str) -> subprocess.Popen:
 def test_sigterm_under_load_loses_nothing() -> None:
     port = free_port()
     proc = start(
-        {"LEVIT_HTTP_PORT": str(port), "LEVIT_GRPC_PORT": "0", "LEVIT_MODEL": "LeViT_384", "LEVIT_MAX_BATCH_SIZE": "1"}
+        {
+            "LEVIT_HTTP_PORT": str(port),
+            "LEVIT_GRPC_PORT": "0",
+            "LEVIT_MODEL": "LeViT_384",
+            "LEVIT_MAX_BATCH_SIZE": "1",
+            # the drain is under test, not deadlines: 16 serial LeViT_384 forwards passed the default 10 s on a busy
+            # 2-core host (one 504), so every admitted request gets time to finish
+            "LEVIT_REQUEST_TIMEOUT_MS": "120000",
+        }
     )
     url = f"http://127.0.0.1:{port}"
     try:
