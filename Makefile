@@ -10,7 +10,7 @@ ENGINE ?= docker
 
 .PHONY: install run test test-stress lint format proto bench bench-model bench-startup clean \
 	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema \
-	v2-tools test-v2 test-v2-perf
+	v2-tools test-v2 test-v2-perf peers-tools bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,14 @@ bench-model: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.server
 	$(BIN)/python -m bench.startup
+
+# The peer servers (TorchServe, LitServe, MLServer, plain FastAPI) and their shared checkpoint, in .peers/
+peers-tools:
+	bash bench/peers/install.sh
+
+# levit-serve side by side with the peers, one load generator for all (report: .peers/report.md)
+bench-peers: $(STAMP) peers-tools
+	$(BIN)/python -m bench.peers
 
 # Time to ready per engine, cold (empty artifact and Inductor caches) and warm
 bench-startup: $(STAMP)

@@ -115,6 +115,89 @@ class HttpDriver:
         return HttpClient(reader, writer, self.requests)
 
 
+def http_request(host: str, port: int, method: str, path: str, content_type: str, body: bytes) -> bytes:
+    """A complete keep-alive HTTP/1.1 request with a fixed body: what `RawHttpDriver` sends as is."""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: levit-bench\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def read_http_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Status code and body of one response; Content-Length or chunked (some servers stream JSON)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, length, chunked = head[9:12], -1, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+            parts.append((await reader.readexactly(size + 2))[:-2])
+        await reader.readuntil(b"\r\n")  # no trailers are sent by the servers measured here
+        return status, b"".join(parts)
+    if length < 0:
+        raise RequestFailed(f"no Content-Length in response: {head[:200]!r}")
+    return status, await reader.readexactly(length)
+
+
+class RawHttpClient:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        requests: Sequence[bytes],
+        check: Callable[[bytes], None] | None,
+    ) -> None:
+        self.reader, self.writer, self.requests, self.check = reader, writer, requests, check
+
+    async def fetch(self, index: int) -> bytes:
+        """Send request `index`, return the body of a 200 response (anything else raises)."""
+        self.writer.write(self.requests[index])
+        status, body = await read_http_response(self.reader)
+        if status != b"200":
+            raise RequestFailed(f"HTTP {status.decode(errors='replace')}: {body[:300]!r}")
+        return body
+
+    async def call(self, index: int) -> None:
+        body = await self.fetch(index)
+        if self.check is not None:  # once per connection: the body really is an answer
+            check, self.check = self.check, None
+            check(body)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+class RawHttpDriver:
+    """Any HTTP server: one pre-built request per payload (`http_request`), sent as is over keep-alive.
+
+    A response counts when its status is 200; `check` (optional) validates the first body of each
+    connection, so a server answering 200 with garbage does not pass unnoticed.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        requests: Sequence[bytes],
+        check: Callable[[bytes], None] | None = None,
+        name: str = "http-raw",
+    ) -> None:
+        self.host, self.port, self.requests, self.check, self.name = host, port, list(requests), check, name
+
+    async def connect(self) -> RawHttpClient:
+        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        return RawHttpClient(reader, writer, self.requests, self.check)
+
+
 # --- gRPC (service/grpc/gen stubs) -----------------------------------------------------------------------
 
 GRPC_STUBS = "service.grpc.gen.levit.v1.classifier_pb2"

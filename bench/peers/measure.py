@@ -1,0 +1,153 @@
+"""One level (peer, payload set, concurrency) driven by bench.loadgen's `run_level`, plus what it lacks:
+the server's CPU and the completed images over exactly the same measured window.
+
+`run_level` keeps latencies only of requests that both start and finish inside its window, which
+at high latency (12 MP photos at c=32: seconds per request) leaves out a large share of the work
+done in the window. Throughput and CPU per image are therefore taken here from every response that
+*completes* inside the window, counted by a thin wrapper around the driver, and the server's CPU
+(its whole process tree, from /proc) is read at the window's two ends by a task running beside the
+clients. The window starts when the last virtual client has connected, as `run_level`'s does.
+
+On a shared 2-core machine other processes distort everything (PyTorch's OpenMP threads spin at
+barriers while a sibling is descheduled), so each level first waits for a quiet machine and reports
+the CPU other processes used during its window (`other_cores`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench.loadgen import Client, Driver, LevelResult, run_level
+from bench.timing import machine_busy_seconds, own_cpu_seconds
+
+
+@dataclass
+class Level:
+    peer: str
+    payloads: str
+    concurrency: int
+    round: int
+    window_s: float  # measured window, seconds
+    completed: int  # responses that completed inside the window
+    cpu_s: float  # server CPU seconds (process tree) inside the window
+    other_cores: float  # CPU of processes other than the server and this benchmark in the window, in cores
+    waited_s: float  # how long the level waited for a quiet machine first
+    result: LevelResult  # latencies, errors (bench.loadgen)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.completed / self.window_s if self.window_s else 0.0
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_s / self.completed if self.completed else float("nan")
+
+    @property
+    def errors(self) -> int:
+        return self.result.errors
+
+
+@dataclass
+class _Window:
+    concurrency: int
+    connected: int = 0
+    start: float = 0.0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    completions: list[float] = field(default_factory=list)
+
+
+class _MeteredClient:
+    def __init__(self, inner: Client, window: _Window) -> None:
+        self.inner, self.window = inner, window
+
+    async def call(self, index: int) -> None:
+        await self.inner.call(index)
+        self.window.completions.append(time.perf_counter())
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class _MeteredDriver:
+    """The driver `run_level` gets: it notes when the last client connected and when each call completed."""
+
+    def __init__(self, inner: Driver, window: _Window) -> None:
+        self.inner, self.window, self.name = inner, window, inner.name
+
+    async def connect(self) -> Client:
+        client = await self.inner.connect()
+        self.window.connected += 1
+        if self.window.connected == self.window.concurrency:
+            self.window.start = time.perf_counter()
+            self.window.started.set()
+        return _MeteredClient(client, self.window)
+
+
+Readings = tuple[float, float, float, float]  # server CPU, own CPU, machine busy seconds, perf_counter
+
+
+def _readings(server_cpu: Callable[[], float]) -> Readings:
+    return server_cpu(), own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+
+
+def _other_cores(before: Readings, after: Readings) -> float:
+    """CPU (in cores) the machine spent on neither the server nor this process between two readings."""
+    server, own, busy, elapsed = (b - a for a, b in zip(before, after))
+    return max(0.0, busy - own - server) / elapsed
+
+
+async def _cpu_over_window(
+    window: _Window, server_cpu: Callable[[], float], warmup: float, duration: float
+) -> tuple[float, float, float, float]:
+    """(server CPU seconds, other processes' cores, window start, window end), read at the window's ends."""
+    await window.started.wait()
+    await asyncio.sleep(max(0.0, window.start + warmup - time.perf_counter()))
+    before = _readings(server_cpu)
+    await asyncio.sleep(max(0.0, before[3] + duration - time.perf_counter()))
+    after = _readings(server_cpu)
+    return after[0] - before[0], _other_cores(before, after), before[3], after[3]
+
+
+async def wait_quiet(server_cpu: Callable[[], float], max_cores: float, timeout: float, window: float = 1.0) -> float:
+    """Wait until processes other than the (idle) server and this one use under `max_cores`; seconds waited.
+
+    Gives up after `timeout`: on a busy machine the level still runs, and its `other_cores` says so.
+    """
+    start = time.perf_counter()
+    while True:
+        before = _readings(server_cpu)
+        await asyncio.sleep(window)
+        other = _other_cores(before, _readings(server_cpu))
+        waited = time.perf_counter() - start
+        if other < max_cores or waited >= timeout:
+            return waited
+
+
+async def measure_level(
+    peer: str,
+    driver: Driver,
+    count: int,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    server_cpu: Callable[[], float],
+    label: str,
+    round_index: int,
+    quiet_timeout: float = 60.0,
+    quiet_cores: float = 0.25,
+) -> Level:
+    """Closed loop: `concurrency` clients over `count` payloads; `warmup` seconds discarded, then `duration`."""
+    waited = await wait_quiet(server_cpu, quiet_cores, quiet_timeout) if quiet_timeout > 0 else 0.0
+    window = _Window(concurrency)
+    sampler = asyncio.create_task(_cpu_over_window(window, server_cpu, warmup, duration))
+    try:
+        result = await run_level(_MeteredDriver(driver, window), count, concurrency, warmup, duration, label=label)
+    except BaseException:
+        sampler.cancel()
+        raise
+    cpu_s, other, t0, t1 = await sampler
+    completed = sum(1 for t in window.completions if t0 <= t <= t1)
+    return Level(peer, label, concurrency, round_index, t1 - t0, completed, cpu_s, other, waited, result)
