@@ -8,6 +8,7 @@ HTTP and gRPC handlers are thin translations around `Service.classify`. The mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -63,6 +64,8 @@ class ModelBackend(Protocol):
 
     async def start(self, on_available: Callable[[bool], None]) -> dict[str, Any]: ...
 
+    def decoding(self, count: int) -> contextlib.AbstractContextManager[None]: ...
+
     async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]: ...
 
     async def drain(self, timeout: float) -> bool: ...
@@ -79,7 +82,7 @@ class Service:
         self.model_info: dict[str, Any] | None = None  # `describe()` of the served model, once loaded
         self._started = False
         self._inflight = 0  # admitted classify calls; drain waits for them
-        self._decoders = named_pool("levit-decode", decoders or os.cpu_count() or 2)
+        self._decoders = named_pool("levit-decode", decoders or os.cpu_count() or 2, settings.decode_priority)
 
     @property
     def phase(self) -> Phase:
@@ -181,7 +184,11 @@ class Service:
         batcher = self._admit(len(images))
         self._inflight += 1
         try:
-            tensors = await self.preprocess(images) if isinstance(images[0], Upload) else images
+            if isinstance(images[0], Upload):
+                with batcher.decoding(len(images)):
+                    tensors = await self.preprocess(images)
+            else:
+                tensors = images
             return await batcher.classify(tensors, deadline)
         finally:
             self._inflight -= 1

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         "batch bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (more "
         "throughput at high concurrency, slower single requests: docs/benchmarks.md)",
     )
+    decode_priority: Literal["normal", "idle"] = Field(
+        "normal",
+        description="decoding threads: idle = they run only on cores the model leaves free (SCHED_IDLE), so a "
+        "spinning OpenMP team is never preempted mid-batch; normal = they compete with it",
+    )
     pin_cores: bool = Field(
         False,
         description="each model process on its own cores, the front-ends on the rest (if instances leave any)",
@@ -63,7 +68,8 @@ class Settings(BaseSettings):
         50.0,
         ge=0,
         le=60_000,
-        description="instance_kind=thread only: longest a batch stays open for more images while the model is busy",
+        description="longest a batch stays open for more images: while the model is busy (thread kind), or while "
+        "front-ends are still decoding images (model processes; a lone request never waits)",
     )
     max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")

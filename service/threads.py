@@ -8,9 +8,14 @@ from the thread that created them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
+
+Priority = Literal["normal", "idle"]
 
 OS_NAME_LIMIT = 15  # bytes, not counting the terminating NUL (Linux TASK_COMM_LEN)
 
@@ -22,5 +27,19 @@ def name_os_thread(name: str | None = None) -> None:
         Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)
 
 
-def named_pool(prefix: str, workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=name_os_thread)
+def lower_priority(priority: Priority) -> None:
+    """`idle`: the current thread runs only on a core that nothing else wants (Linux SCHED_IDLE, which an
+    unprivileged thread may choose); elsewhere, or refused, it stays as it was."""
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+def _init_thread(priority: Priority) -> None:
+    name_os_thread()
+    lower_priority(priority)
+
+
+def named_pool(prefix: str, workers: int, priority: Priority = "normal") -> ThreadPoolExecutor:
+    initializer = functools.partial(_init_thread, priority)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix, initializer=initializer)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from service.batching.instance import Instance
 from service.batching.ring import (
     ALLOCATED,
     FREE,
@@ -76,3 +79,45 @@ def test_instance_errors_and_model_description_round_trip(ring: Ring) -> None:
     assert ring.info() == {"name": "LeViT_128S", "engine": "eager"}
     ring.set_instance_error(0, "checkpoint x.pth is not a readable checkpoint")
     assert ring.instance_error(0) == "checkpoint x.pth is not a readable checkpoint"
+
+
+def _gatherer(ring: Ring, max_batch: int, delay_s: float) -> Instance:
+    """The model process's gathering step alone (no model): its ring, its task pipe, its batch limits."""
+    instance = Instance.__new__(Instance)
+    instance.ring, instance.task_fd = ring, ring.pipes.task_r.fileno()
+    instance.max_batch, instance.gather_s = max_batch, delay_s
+    return instance
+
+
+def test_a_batch_waits_for_images_still_being_decoded(ring: Ring) -> None:
+    """Two images of front-end 1 are being decoded: the model process takes them into its batch."""
+    gatherer = _gatherer(ring, max_batch=8, delay_s=30.0)
+    ring.decoding[1] = 2
+
+    def decoded() -> None:
+        time.sleep(0.05)
+        write_all(ring.pipes.task_w.fileno(), b"".join(TASK.pack(i, 1, 1, 0, 1e9, 0.0) for i in (3, 4)))
+        ring.decoding[1] -= 2
+
+    thread = threading.Thread(target=decoded)
+    thread.start()
+    extra = gatherer.gather(have=1)
+    thread.join()
+    assert [t[0] for t in TASK.iter_unpack(extra)] == [3, 4]
+    assert ring.queued() == 0
+
+
+def test_nothing_being_decoded_means_no_wait(ring: Ring) -> None:
+    """The count is zero (a lone request): gather looks once, briefly, and returns what is there."""
+    gatherer = _gatherer(ring, max_batch=8, delay_s=30.0)
+    write_all(ring.pipes.task_w.fileno(), TASK.pack(5, 1, 0, 0, 1e9, 0.0))
+    assert [t[0] for t in TASK.iter_unpack(gatherer.gather(have=1))] == [5]
+    assert gatherer.gather(have=2) == b""  # returns although the 30 s delay is far from over
+
+
+def test_gathering_stops_at_a_full_batch_and_leaves_the_rest_queued(ring: Ring) -> None:
+    gatherer = _gatherer(ring, max_batch=3, delay_s=30.0)
+    ring.decoding[0] = 4  # still decoding: only the batch limit ends the wait
+    write_all(ring.pipes.task_w.fileno(), b"".join(TASK.pack(i, 1, 0, 0, 1e9, 0.0) for i in range(4)))
+    assert [t[0] for t in TASK.iter_unpack(gatherer.gather(have=1))] == [0, 1]
+    assert ring.queued() == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -43,6 +44,7 @@ from service.settings import Settings
 from service.threads import name_os_thread
 
 log = logging.getLogger(__name__)
+GATHER_POLL_S = 0.002  # how often a gathering model process looks at the front-ends' decoding counts
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Instance:
         self.runtime = ModelRuntime.warm(spec.settings)
         self.engine = self.runtime.engine
         self.max_batch = spec.settings.max_batch_size
+        self.gather_s = spec.settings.max_batch_delay_ms / 1000
         self.task_fd = spec.pipes.task_r.fileno()
         self.result_fds = [reader_writer[1].fileno() for reader_writer in spec.pipes.results]
         if self.ring.info() is None:
@@ -89,6 +92,8 @@ class Instance:
             data = os.read(self.task_fd, self.max_batch * record)
             if not data:
                 return  # every writer is gone: the server is shutting down
+            if len(data) < self.max_batch * record and self.gather_s > 0 and self.ring.decoding_total():
+                data += self.gather(len(data) // record)
             tasks = list(TASK.iter_unpack(data))
             now = time.monotonic()
             live, answers = [], {}
@@ -116,6 +121,32 @@ class Instance:
                     answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
             for frontend, records in answers.items():
                 _write_results(self.result_fds[frontend], b"".join(records))
+
+    def gather(self, have: int) -> bytes:
+        """More records for a batch of `have`, while front-ends are still decoding images (at most the batch
+        delay): they are milliseconds from the queue, and a batch started without them would hold both the
+        cores and the decoders (which run at idle priority by default) until it ends, then run again for a
+        handful. A lone request finds nothing being decoded and never waits here.
+        """
+        record, extra = TASK.size, b""
+        deadline = time.monotonic() + self.gather_s
+        decoding = True
+        while have < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # the last decode's record is written just after its count drops: one short look once it is zero
+            ready, _, _ = select.select([self.task_fd], [], [], min(remaining, GATHER_POLL_S if decoding else 0.0005))
+            if ready:
+                chunk = os.read(self.task_fd, (self.max_batch - have) * record)
+                if not chunk:
+                    break
+                extra += chunk
+                have += len(chunk) // record
+            elif not decoding:
+                break
+            decoding = self.ring.decoding_total() > 0
+        return extra
 
     def _forward(self, slots: list[int]) -> int:
         ring = self.ring

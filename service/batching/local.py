@@ -7,6 +7,7 @@ hook, debugging, the smallest deployments). Same contract as `RemoteModel`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,10 @@ class LocalModel:
     @property
     def queued(self) -> int:
         return self.batcher.queued if self.batcher is not None else 0
+
+    def decoding(self, count: int) -> contextlib.AbstractContextManager[None]:
+        """The model thread's batcher waits by its delay alone; nothing to count."""
+        return contextlib.nullcontext()
 
     async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
         assert self.batcher is not None, "classify before start"

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,10 @@ class RemoteModel:
         return self.ring.info() or {}
 
     def _adopt_orphans(self) -> None:
-        """A restarted front-end takes over the slots its predecessor held (same front-end id)."""
+        """A restarted front-end takes over the slots its predecessor held (same front-end id), and its
+        decoding count (those images died with it)."""
         ring = self.ring
+        ring.decoding[self.frontend] = 0
         mine = np.flatnonzero(ring.holder == self.frontend)
         free = []
         for slot in mine.tolist():
@@ -125,6 +127,16 @@ class RemoteModel:
     @property
     def queued(self) -> int:
         return self.ring.queued()
+
+    @contextlib.contextmanager
+    def decoding(self, count: int) -> Iterator[None]:
+        """`count` images of this front-end are being decoded: model processes may wait for them (see
+        `Instance.gather`) rather than start a batch without them. Only the event loop writes this entry."""
+        self.ring.decoding[self.frontend] += count
+        try:
+            yield
+        finally:
+            self.ring.decoding[self.frontend] -= count
 
     # --- requests --------------------------------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ def _layout(spec: RingSpec) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, .
         ("instance_state", np.uint8, (spec.instances,)),
         ("instance_epoch", np.uint32, (spec.instances,)),
         ("instance_error", np.uint8, (spec.instances, ERROR_BYTES)),
+        ("decoding", np.int32, (spec.frontends,)),  # images each front-end is decoding now (one writer each)
         ("gen", np.uint32, (n,)),
         ("state", np.uint8, (n,)),
         ("holder", np.int32, (n,)),
@@ -208,6 +209,7 @@ class Ring:
         self.owner, self.owner_epoch, self.probs = a["owner"], a["owner_epoch"], a["probs"]
         self.u8, self.f32 = a["u8"], a["f32"]
         self.instance_state, self.instance_epoch = a["instance_state"], a["instance_epoch"]
+        self.decoding = a["decoding"]
         if create:
             self.holder[:] = -1
             self.owner[:] = -1
@@ -284,6 +286,10 @@ class Ring:
 
     def pixels(self, slot: int) -> np.ndarray:
         return self.u8[slot] if slot < self.spec.u8_slots else self.f32[slot - self.spec.u8_slots]
+
+    def decoding_total(self) -> int:
+        """Images admitted by the front-ends and being decoded: they will be queued within milliseconds."""
+        return int(self.decoding.sum())
 
     def queued(self) -> int:
         """Images waiting for a model process, across every front-end."""

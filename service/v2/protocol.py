@@ -190,7 +190,7 @@ def model_config(service: Service) -> dict[str, Any]:
         ],
         "dynamic_batching": {
             # Model processes take whatever is waiting when they free up: no batch is held open for more.
-            "max_queue_delay_microseconds": round(s.max_batch_delay_ms * 1000) if s.instance_kind == "thread" else 0,
+            "max_queue_delay_microseconds": round(s.max_batch_delay_ms * 1000),
             "default_queue_policy": {
                 "timeout_action": "REJECT",
                 "default_timeout_microseconds": s.request_timeout_ms * 1000,
