@@ -54,8 +54,8 @@ class RequestFailed(Exception):
 # --- HTTP/1.1 over raw asyncio streams -------------------------------------------------------------------
 
 
-def multipart_request(host: str, port: int, payload: Payload, field_name: str = "img") -> bytes:
-    """A complete `POST /classify` request (headers and multipart body) for one image, keep-alive."""
+def multipart_body(payload: Payload, field_name: str = "img") -> tuple[str, bytes]:
+    """Content type and body of a one-file multipart/form-data upload."""
     boundary = uuid.uuid4().hex
     body = b"".join(
         (
@@ -66,11 +66,12 @@ def multipart_request(host: str, port: int, payload: Payload, field_name: str = 
             f"\r\n--{boundary}--\r\n".encode(),
         )
     )
-    head = (
-        f"POST /classify HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: levit-bench\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+def multipart_request(host: str, port: int, payload: Payload, field_name: str = "img") -> bytes:
+    """A complete `POST /classify` request (headers and multipart body) for one image, keep-alive."""
+    return http_request(host, port, "POST", "/classify", *multipart_body(payload, field_name))
 
 
 class HttpClient:

@@ -14,12 +14,11 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.loadgen import Payload
+from bench.loadgen import Payload, multipart_body
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS_DIR = REPO / ".peers"
@@ -68,24 +67,9 @@ class Peer:
 # --- request bodies and answers --------------------------------------------------------------------------
 
 
-def multipart(field_name: str, payload: Payload) -> tuple[str, bytes]:
-    """Content type and body of a one-file multipart/form-data upload."""
-    boundary = uuid.uuid4().hex
-    body = b"".join(
-        (
-            f"--{boundary}\r\n".encode(),
-            f'Content-Disposition: form-data; name="{field_name}"; filename="{payload.filename}"\r\n'.encode(),
-            f"Content-Type: {payload.content_type}\r\n\r\n".encode(),
-            payload.data,
-            f"\r\n--{boundary}--\r\n".encode(),
-        )
-    )
-    return f"multipart/form-data; boundary={boundary}", body
-
-
 def multipart_post(path: str, field_name: str = "img") -> Callable[[Payload], tuple[str, str, str, bytes]]:
     def build(payload: Payload) -> tuple[str, str, str, bytes]:
-        content_type, body = multipart(field_name, payload)
+        content_type, body = multipart_body(payload, field_name)
         return "POST", path, content_type, body
 
     return build
