@@ -1,8 +1,9 @@
 """A model process (one "instance", as Triton calls them): load, warm, then run batches from the ring.
 
 The loop is deliberately dumb: a blocking `read()` on the shared task pipe returns every record that is
-waiting, up to `max_batch_size` (an idle instance starts on the first image at once; a busy system
-hands a freed instance a full batch). Expired and cancelled images are answered without compute.
+waiting, up to `max_batch_size` (an idle instance starts on the first image at once, unless front-ends are
+still decoding more: then it gathers them first; a busy system hands a freed instance a full batch).
+Expired and cancelled images are answered without compute.
 All model work happens in this process's main thread: one OpenMP team of `threads` workers
 (see `service.batching.batcher.model_thread` for why one thread matters).
 """
