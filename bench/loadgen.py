@@ -2,9 +2,9 @@
 
 It shares the machine's cores with the server it measures, so per request it does as little as
 possible: request bodies are built once, HTTP goes over raw asyncio streams with keep-alive (one
-connection per virtual client) and a response is parsed only as far as its status line and
-Content-Length. gRPC sends pre-serialized messages (no per-call protobuf work) over one channel per
-virtual client, unary or one long-lived stream per client.
+connection per virtual client) and a response is parsed only as far as its status line and length
+headers (the body is JSON-parsed once per connection, as a check). gRPC sends pre-serialized messages (no
+per-call protobuf work) over one channel per virtual client, unary or one long-lived stream per client.
 
 A protocol is a `Driver`: `connect()` returns a `Client` whose `call(payload_index)` sends one
 request and returns when its full response has arrived (raising on anything but success). Adding a
@@ -72,48 +72,6 @@ def multipart_body(payload: Payload, field_name: str = "img") -> tuple[str, byte
 def multipart_request(host: str, port: int, payload: Payload, field_name: str = "img") -> bytes:
     """A complete `POST /classify` request (headers and multipart body) for one image, keep-alive."""
     return http_request(host, port, "POST", "/classify", *multipart_body(payload, field_name))
-
-
-class HttpClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: Sequence[bytes]) -> None:
-        self.reader, self.writer, self.requests = reader, writer, requests
-        self.checked = False
-
-    async def call(self, index: int) -> None:
-        self.writer.write(self.requests[index])
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = head[9:12]
-        length = -1
-        for line in head.split(b"\r\n")[1:]:
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-                break
-        if length < 0:
-            raise RequestFailed(f"no Content-Length in response: {head[:200]!r}")
-        body = await self.reader.readexactly(length)
-        if status != b"200":
-            raise RequestFailed(f"HTTP {status.decode()}: {body[:300]!r}")
-        if not self.checked:  # once per connection: the body really is a classification
-            self.checked = True
-            if not json.loads(body)["results"][0]["predictions"]:
-                raise RequestFailed(f"no predictions in {body[:300]!r}")
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-
-class HttpDriver:
-    name = "http"
-
-    def __init__(self, host: str, port: int, payloads: Sequence[Payload]) -> None:
-        self.host, self.port = host, port
-        self.requests = [multipart_request(host, port, p) for p in payloads]
-
-    async def connect(self) -> Client:
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
-        return HttpClient(reader, writer, self.requests)
 
 
 def http_request(host: str, port: int, method: str, path: str, content_type: str, body: bytes) -> bytes:
@@ -197,6 +155,17 @@ class RawHttpDriver:
     async def connect(self) -> RawHttpClient:
         reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
         return RawHttpClient(reader, writer, self.requests, self.check)
+
+
+def _has_predictions(body: bytes) -> None:
+    if not json.loads(body)["results"][0]["predictions"]:
+        raise RequestFailed(f"no predictions in {body[:300]!r}")
+
+
+def http_driver(host: str, port: int, payloads: Sequence[Payload]) -> RawHttpDriver:
+    """levit-serve's `POST /classify`, multipart; each connection's first answer must hold predictions."""
+    requests = [multipart_request(host, port, p) for p in payloads]
+    return RawHttpDriver(host, port, requests, check=_has_predictions, name="http")
 
 
 # --- gRPC (service/grpc/gen stubs) -----------------------------------------------------------------------
@@ -290,7 +259,7 @@ class GrpcDriver:
 
 
 DRIVERS: dict[str, Callable[[str, int, Sequence[Payload]], Driver]] = {
-    "http": HttpDriver,
+    "http": http_driver,
     "grpc-unary": lambda host, port, payloads: GrpcDriver(host, port, payloads, streaming=False),
     "grpc-stream": lambda host, port, payloads: GrpcDriver(host, port, payloads, streaming=True),
 }

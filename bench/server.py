@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.loadgen import DRIVERS, LevelResult, Payload, grpc_available, run_level
+from bench.procs import cpu_of, die_with_parent, free_port, process_tree, tree_cpu_seconds
 from bench.timing import Foreign, all_cores, load_average, median, own_cpu_seconds, wait_quiet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,24 +88,6 @@ def payload_sets(images: Path) -> dict[str, list[Payload]]:
 # --- the server subprocess -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if the benchmark dies, so no server outlives its run (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def cpu_of(stat: Path) -> float:
-    """User + system CPU seconds from a /proc `stat` file (a process's or one thread's)."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class ServerProcess:
     env: dict[str, str]
@@ -134,7 +115,7 @@ class ServerProcess:
         }
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent
+                self.command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=die_with_parent
             )
 
     @property
@@ -172,24 +153,11 @@ class ServerProcess:
 
     def pids(self) -> list[int]:
         """The server and its live descendants (the supervisor's front-end and model processes)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        tree, frontier = [self.pid], [self.pid]
-        while frontier:
-            frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
-            tree += frontier
-        return tree
+        return process_tree(self.pid)
 
     def cpu_seconds(self) -> float:
         """User + system CPU of every live server process (all threads) so far."""
-        total = 0.0
-        for pid in self.pids():
-            with contextlib.suppress(OSError):  # a process may exit between listing and reading
-                total += cpu_of(Path(f"/proc/{pid}/stat"))
-        return total
+        return tree_cpu_seconds(self.pid)
 
     def thread_cpu(self) -> dict[str, float]:
         """CPU seconds so far by OS thread name (service/threads.py names the pools; OpenMP workers

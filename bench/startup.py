@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from bench.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WARM_FLOOR_S = 15.0
@@ -38,15 +39,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def time_to_ready(engine: str, model: str, engines: Path, inductor: Path) -> tuple[float, dict]:
     """Seconds from spawn to the first `/readyz` 200, and `/v1/model` then; the server is stopped after."""
-    http = _free_port()
+    http = free_port()
     env = {
         **os.environ,
         "LEVIT_ENGINE": engine,
@@ -54,7 +49,7 @@ def time_to_ready(engine: str, model: str, engines: Path, inductor: Path) -> tup
         "LEVIT_WEIGHTS": "random",
         "LEVIT_HOST": "127.0.0.1",
         "LEVIT_HTTP_PORT": str(http),
-        "LEVIT_GRPC_PORT": str(_free_port()),
+        "LEVIT_GRPC_PORT": str(free_port()),
         "LEVIT_ENGINE_PATH": str(engines),
         "LEVIT_LOG_LEVEL": "WARNING",
         "TORCHINDUCTOR_CACHE_DIR": str(inductor),

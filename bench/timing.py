@@ -121,14 +121,17 @@ class Foreign:
             self.cores = max(0.0, (machine_busy_seconds() - busy0) - (self.own() - own0)) / elapsed
 
 
-def wait_quiet(max_cores: float = 0.2, window: float = 1.0, timeout: float = 120.0) -> float:
+def wait_quiet(
+    max_cores: float = 0.2, window: float = 1.0, timeout: float = 120.0, own: Callable[[], float] = own_cpu_seconds
+) -> float:
     """Wait (while idle ourselves) until other processes use less than `max_cores`; returns seconds waited.
 
-    Gives up after `timeout`: a benchmark on a busy shared machine still runs, it just says so.
+    `own` as in `Foreign` (add an idle server's CPU to leave it out). Gives up after `timeout`: a benchmark
+    on a busy shared machine still runs, it just says so.
     """
     start = time.perf_counter()
     while True:
-        with Foreign() as foreign:
+        with Foreign(own) as foreign:
             time.sleep(window)
         waited = time.perf_counter() - start
         if foreign.cores < max_cores or waited >= timeout:

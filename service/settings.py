@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.configs import VARIANTS
 from model.weights import default_cache_dir
+from service.threads import Priority
 
 
 class Settings(BaseSettings):
@@ -51,7 +52,7 @@ class Settings(BaseSettings):
         "batch bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (more "
         "throughput at high concurrency, slower single requests: docs/benchmarks.md)",
     )
-    decode_priority: Literal["normal", "idle"] = Field(
+    decode_priority: Priority = Field(
         "normal",
         description="decoding threads: idle = they run only on cores the model leaves free (SCHED_IDLE), so a "
         "spinning OpenMP team is never preempted mid-batch; normal = they compete with it",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.loadgen import Client, Driver, LevelResult, run_level
-from bench.timing import machine_busy_seconds, own_cpu_seconds
+from bench.timing import Foreign, own_cpu_seconds, wait_quiet
 
 
 @dataclass
@@ -86,44 +86,16 @@ class _MeteredDriver:
         return _MeteredClient(client, self.window)
 
 
-Readings = tuple[float, float, float, float]  # server CPU, own CPU, machine busy seconds, perf_counter
-
-
-def _readings(server_cpu: Callable[[], float]) -> Readings:
-    return server_cpu(), own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
-
-
-def _other_cores(before: Readings, after: Readings) -> float:
-    """CPU (in cores) the machine spent on neither the server nor this process between two readings."""
-    server, own, busy, elapsed = (b - a for a, b in zip(before, after))
-    return max(0.0, busy - own - server) / elapsed
-
-
 async def _cpu_over_window(
     window: _Window, server_cpu: Callable[[], float], warmup: float, duration: float
 ) -> tuple[float, float, float, float]:
     """(server CPU seconds, other processes' cores, window start, window end), read at the window's ends."""
     await window.started.wait()
     await asyncio.sleep(max(0.0, window.start + warmup - time.perf_counter()))
-    before = _readings(server_cpu)
-    await asyncio.sleep(max(0.0, before[3] + duration - time.perf_counter()))
-    after = _readings(server_cpu)
-    return after[0] - before[0], _other_cores(before, after), before[3], after[3]
-
-
-async def wait_quiet(server_cpu: Callable[[], float], max_cores: float, timeout: float, window: float = 1.0) -> float:
-    """Wait until processes other than the (idle) server and this one use under `max_cores`; seconds waited.
-
-    Gives up after `timeout`: on a busy machine the level still runs, and its `other_cores` says so.
-    """
-    start = time.perf_counter()
-    while True:
-        before = _readings(server_cpu)
-        await asyncio.sleep(window)
-        other = _other_cores(before, _readings(server_cpu))
-        waited = time.perf_counter() - start
-        if other < max_cores or waited >= timeout:
-            return waited
+    cpu0, t0 = server_cpu(), time.perf_counter()
+    with Foreign(lambda: own_cpu_seconds() + server_cpu()) as foreign:
+        await asyncio.sleep(max(0.0, t0 + duration - time.perf_counter()))
+    return server_cpu() - cpu0, foreign.cores, t0, time.perf_counter()
 
 
 async def measure_level(
@@ -140,7 +112,12 @@ async def measure_level(
     quiet_cores: float = 0.25,
 ) -> Level:
     """Closed loop: `concurrency` clients over `count` payloads; `warmup` seconds discarded, then `duration`."""
-    waited = await wait_quiet(server_cpu, quiet_cores, quiet_timeout) if quiet_timeout > 0 else 0.0
+
+    def ours() -> float:  # this benchmark and the (idle) server: what is not "other processes"
+        return own_cpu_seconds() + server_cpu()
+
+    # nothing else runs on this event loop yet: waiting blocks it harmlessly
+    waited = wait_quiet(quiet_cores, timeout=quiet_timeout, own=ours) if quiet_timeout > 0 else 0.0
     window = _Window(concurrency)
     sampler = asyncio.create_task(_cpu_over_window(window, server_cpu, warmup, duration))
     try:

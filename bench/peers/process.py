@@ -9,7 +9,6 @@ group (every process a peer starts stays in it) and then anything of the tree st
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -19,40 +18,11 @@ import time
 from pathlib import Path
 
 from bench.peers.peers import Launch, Peer
-from bench.server import cpu_of, free_port
+from bench.procs import die_with_parent, free_port, process_tree, tree_cpu_seconds
 
 
 class PeerFailed(Exception):
     """A peer that exited or never became ready; the message ends with its log's tail."""
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it if the benchmark dies, so no peer outlives its run (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its live descendants, from the parent pids in /proc/<pid>/stat."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    tree, frontier = [root], {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
-        tree += sorted(frontier)
-    return tree
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds so far of `root` and every live descendant (all their threads)."""
-    total = 0.0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError):  # a process may exit between listing and reading
-            total += cpu_of(Path(f"/proc/{pid}/stat"))
-    return total
 
 
 class PeerProcess:
@@ -86,7 +56,7 @@ class PeerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, killed whole by stop()
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def log_tail(self, lines: int = 25) -> str:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
-from pathlib import Path
 
+from bench import startup
 from bench.peers.measure import Level
 from bench.peers.peers import Peer
 
@@ -16,16 +15,8 @@ TORCH_PACKAGES = ("torch", "torchvision", "timm")
 
 
 def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo, and how many cores this process may use."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores usable"
+    """The CPU's name (bench.startup reads it) and how many cores this process may use."""
+    return f"{startup.cpu_model()}, {len(os.sched_getaffinity(0))} cores usable"
 
 
 def environment_versions(peer: Peer) -> dict[str, str]:
