@@ -17,6 +17,7 @@ from model.loader import load_weights
 from service import metrics
 from service.results import Prediction
 from service.settings import Settings
+from service.threads import spin_count
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -106,6 +107,7 @@ class ModelRuntime:
                 "count": s.instances or 1,
                 "threads": torch.get_num_threads(),
                 "policy": s.thread_policy if s.instance_kind == "process" else "spin",
+                "spin_count": spin_count(),
                 "threads_by_batch": {str(k): v for k, v in self.engine.threads_for.items()},
                 "workers": s.workers or 1,
             },

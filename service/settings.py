@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.configs import VARIANTS
 from model.weights import default_cache_dir
-from service.threads import Priority
+from service.threads import Priority, ThreadPolicy
 
 
 class Settings(BaseSettings):
@@ -45,12 +45,21 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
-    thread_policy: Literal["spin", "sleep"] = Field(
-        "spin",
-        description="model processes on CPU: spin = OpenMP threads spin at barriers, LEVIT_THREADS for every batch "
-        "(lowest latency); sleep = they sleep there (OMP_WAIT_POLICY=PASSIVE), leaving cores to decoding, and each "
-        "batch bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (more "
-        "throughput at high concurrency, slower single requests: docs/benchmarks.md)",
+    thread_policy: ThreadPolicy = Field(
+        "brief",
+        description="model processes on CPU: how OpenMP threads wait at barriers. brief = they spin "
+        "LEVIT_SPIN_COUNT times, then sleep (GOMP_SPINCOUNT): a forward keeps its spinning team, and the cores go "
+        "back to decoding as soon as it ends or a team thread is preempted; spin = OpenMP's own default (libgomp "
+        "spins 300,000 times, milliseconds); sleep = they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch "
+        "bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (docs/benchmarks.md)",
+    )
+    spin_count: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="with LEVIT_THREAD_POLICY=brief: spins before an idle OpenMP thread sleeps (one spin is one "
+        "pause instruction: 10,000 last 0.03-0.6 ms, depending on the CPU; far fewer make every parallel region "
+        "of a forward pay a wake-up)",
     )
     decode_priority: Priority = Field(
         "normal",

@@ -31,6 +31,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
 from service.settings import Settings
+from service.threads import openmp_environment
 
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by restarts of the same process in the last minute
@@ -81,10 +82,9 @@ class Supervisor:
         from service.batching import instance as instance_module
 
         if child.role == "model":
-            if self.settings.thread_policy == "sleep" and self.topology.device == "cpu":
-                # read once by OpenMP when torch loads in the child: its threads then sleep at barriers
-                # instead of spinning on cores the front-ends need for decoding (docs/benchmarks.md)
-                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            if self.topology.device == "cpu":  # read once by OpenMP when torch loads in the child; a user's own wins
+                for name, value in openmp_environment(self.settings.thread_policy, self.settings.spin_count).items():
+                    os.environ.setdefault(name, value)
             spec = instance_module.InstanceSpec(
                 child.index,
                 int(self.ring.instance_epoch[child.index]),

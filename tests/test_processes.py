@@ -81,8 +81,11 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
         assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
         info = httpx.get(server.url + "/v1/model").json()
         assert info["instances"] == {
-            "kind": "process", "count": 2, "threads": 1, "workers": 2, "policy": "spin", "threads_by_batch": {}
+            "kind": "process", "count": 2, "threads": 1, "workers": 2, "policy": "brief", "threads_by_batch": {},
+            "spin_count": 10000,
         }  # fmt: skip
+        with open(f"/proc/{names['levit-model-1']}/environ", "rb") as environ:  # what libgomp reads at load
+            assert b"GOMP_SPINCOUNT=10000" in environ.read().split(b"\0")
         before = metric(scrape(server.url), "levit_images_classified_total")
         statuses = burst(server, 24)  # 24 connections: the kernel hands them to both front-ends
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -108,6 +111,7 @@ def test_sleep_policy_times_threads_per_bucket_with_sleeping_openmp_threads() ->
     try:
         instances = httpx.get(server.url + "/v1/model").json()["instances"]
         assert instances["policy"] == "sleep", instances
+        assert instances["spin_count"] == 0, instances
         assert set(instances["threads_by_batch"]) == {"1", "4"}, instances  # eager engine: sizes 1 and max
         assert set(instances["threads_by_batch"].values()) <= {1, 2}
         with open(f"/proc/{server.children()['levit-model-0']}/environ", "rb") as environ:

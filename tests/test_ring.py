@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from service.batching import instance as instance_module
 from service.batching.instance import Instance
 from service.batching.ring import (
     ALLOCATED,
@@ -19,6 +21,7 @@ from service.batching.ring import (
     Ring,
     RingSpec,
     make_pipes,
+    nonblocking_reader,
     write_all,
 )
 
@@ -85,6 +88,7 @@ def _gatherer(ring: Ring, max_batch: int, delay_s: float) -> Instance:
     """The model process's gathering step alone (no model): its ring, its task pipe, its batch limits."""
     instance = Instance.__new__(Instance)
     instance.ring, instance.task_fd = ring, ring.pipes.task_r.fileno()
+    instance.gather_fd = nonblocking_reader(instance.task_fd)
     instance.max_batch, instance.gather_s = max_batch, delay_s
     return instance
 
@@ -113,6 +117,24 @@ def test_nothing_being_decoded_means_no_wait(ring: Ring) -> None:
     write_all(ring.pipes.task_w.fileno(), TASK.pack(5, 1, 0, 0, 1e9, 0.0))
     assert [t[0] for t in TASK.iter_unpack(gatherer.gather(have=1))] == [5]
     assert gatherer.gather(have=2) == b""  # returns although the 30 s delay is far from over
+
+
+def test_gathering_never_blocks_on_records_another_instance_took(ring: Ring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two model processes gather from one pipe: the record one was told is ready is gone when it reads. Its
+    batch still leaves on time: a blocking read there held its images until the next request arrived, which in
+    a closed loop whose requests it held was never (4 requests ended as 504 after 10 s at 8 clients)."""
+    first, second = _gatherer(ring, max_batch=8, delay_s=0.2), _gatherer(ring, max_batch=8, delay_s=0.2)
+    ring.decoding[0] = 1  # still decoding: the first keeps looking until its delay is over
+    write_all(ring.pipes.task_w.fileno(), TASK.pack(7, 1, 0, 0, 1e9, 0.0))
+    taken = os.read(second.gather_fd, 8 * TASK.size)  # the second empties the pipe...
+    always_ready = types.SimpleNamespace(select=lambda r, w, x, timeout: (r, w, x))
+    monkeypatch.setattr(instance_module, "select", always_ready)  # ...after the first's select said "ready"
+    result: list[bytes] = []
+    worker = threading.Thread(target=lambda: result.append(first.gather(have=1)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "gather blocked on an empty pipe"
+    assert result == [b""] and [t[0] for t in TASK.iter_unpack(taken)] == [7]
 
 
 def test_gathering_stops_at_a_full_batch_and_leaves_the_rest_queued(ring: Ring) -> None:

@@ -39,6 +39,7 @@ from service.batching.ring import (
     Pipes,
     Ring,
     RingSpec,
+    nonblocking_reader,
     write_all,
 )
 from service.settings import Settings
@@ -82,6 +83,7 @@ class Instance:
         self.max_batch = spec.settings.max_batch_size
         self.gather_s = spec.settings.max_batch_delay_ms / 1000
         self.task_fd = spec.pipes.task_r.fileno()
+        self.gather_fd = nonblocking_reader(self.task_fd)
         self.result_fds = [reader_writer[1].fileno() for reader_writer in spec.pipes.results]
         if self.ring.info() is None:
             self.ring.publish_info(self.runtime.describe())
@@ -137,17 +139,24 @@ class Instance:
             if remaining <= 0:
                 break
             # the last decode's record is written just after its count drops: one short look once it is zero
-            ready, _, _ = select.select([self.task_fd], [], [], min(remaining, GATHER_POLL_S if decoding else 0.0005))
-            if ready:
-                chunk = os.read(self.task_fd, (self.max_batch - have) * record)
-                if not chunk:
-                    break
+            ready, _, _ = select.select([self.gather_fd], [], [], min(remaining, GATHER_POLL_S if decoding else 0.0005))
+            chunk = self._take((self.max_batch - have) * record) if ready else None
+            if chunk == b"":
+                break  # every writer is gone
+            if chunk:
                 extra += chunk
                 have += len(chunk) // record
             elif not decoding:
                 break
             decoding = self.ring.decoding_total() > 0
         return extra
+
+    def _take(self, size: int) -> bytes | None:
+        """Up to `size` bytes of whole records without blocking; None if another model process took them first."""
+        try:
+            return os.read(self.gather_fd, size)
+        except BlockingIOError:
+            return None
 
     def _forward(self, slots: list[int]) -> int:
         ring = self.ring

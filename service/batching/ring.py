@@ -186,6 +186,17 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[step:]
 
 
+def nonblocking_reader(fd: int) -> int:
+    """A second, non-blocking open file description of the pipe that `fd` reads (Linux: /proc/self/fd).
+
+    For a process that both blocks on the task pipe and takes more from it without blocking. O_NONBLOCK
+    belongs to the description, which every process that inherited `fd` shares: set on `fd`, it would make
+    the other model processes' blocking reads fail; and a select() then read() on a blocking `fd` blocks
+    whenever another model process empties the pipe in between.
+    """
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+
+
 def unread_bytes(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 

@@ -127,7 +127,7 @@ class EngineArtifact(_message.Message):
     def __init__(self, origin: _Optional[str] = ..., path: _Optional[str] = ..., isa: _Optional[str] = ..., key: _Optional[str] = ..., build_s: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Instances(_message.Message):
-    __slots__ = ("kind", "count", "threads", "workers", "policy", "threads_by_batch")
+    __slots__ = ("kind", "count", "threads", "workers", "policy", "threads_by_batch", "spin_count")
     class ThreadsByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,13 +141,15 @@ class Instances(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THREADS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SPIN_COUNT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     count: int
     threads: int
     workers: int
     policy: str
     threads_by_batch: _containers.ScalarMap[str, int]
-    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ..., policy: _Optional[str] = ..., threads_by_batch: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    spin_count: int
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ..., policy: _Optional[str] = ..., threads_by_batch: _Optional[_Mapping[str, int]] = ..., spin_count: _Optional[int] = ...) -> None: ...
 
 class Weights(_message.Message):
     __slots__ = ("id", "source", "sha256", "pretrained")
