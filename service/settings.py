@@ -46,12 +46,13 @@ class Settings(BaseSettings):
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
     thread_policy: ThreadPolicy = Field(
-        "brief",
-        description="model processes on CPU: how OpenMP threads wait at barriers. brief = they spin "
-        "LEVIT_SPIN_COUNT times, then sleep (GOMP_SPINCOUNT): a forward keeps its spinning team, and the cores go "
-        "back to decoding as soon as it ends or a team thread is preempted; spin = OpenMP's own default (libgomp "
-        "spins 300,000 times, milliseconds); sleep = they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch "
-        "bucket runs on 1 or LEVIT_THREADS threads, whichever was faster when timed at start (docs/benchmarks.md)",
+        "spin",
+        description="model processes on CPU: how OpenMP threads wait at barriers. spin = OpenMP's own default "
+        "(libgomp spins 300,000 times, milliseconds); brief = they spin LEVIT_SPIN_COUNT times, then sleep "
+        "(GOMP_SPINCOUNT): the cores go back to decoding as soon as a batch ends or a team thread is preempted "
+        "(+18% at 32 clients on 2 cores, but 503s under a 3x surge took 100-750 ms instead of under 75); sleep = "
+        "they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch bucket runs on 1 or LEVIT_THREADS threads, "
+        "whichever was faster when timed at start (docs/benchmarks.md)",
     )
     spin_count: int = Field(
         10_000,

@@ -75,7 +75,7 @@ def burst(server: Proc, count: int, timeout_ms: int | None = None) -> list[int |
 
 
 def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
-    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1")
+    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1", LEVIT_THREAD_POLICY="brief")
     try:
         names = server.children()
         assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
@@ -84,7 +84,7 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
             "kind": "process", "count": 2, "threads": 1, "workers": 2, "policy": "brief", "threads_by_batch": {},
             "spin_count": 10000,
         }  # fmt: skip
-        with open(f"/proc/{names['levit-model-1']}/environ", "rb") as environ:  # what libgomp reads at load
+        with open(f"/proc/{names['levit-model-1']}/environ", "rb") as environ:  # brief: what libgomp reads at load
             assert b"GOMP_SPINCOUNT=10000" in environ.read().split(b"\0")
         before = metric(scrape(server.url), "levit_images_classified_total")
         statuses = burst(server, 24)  # 24 connections: the kernel hands them to both front-ends
