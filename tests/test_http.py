@@ -321,3 +321,24 @@ def test_images_of_every_format(server: ServerThread) -> None:
         image.save(buffer, fmt)
         response = classify(server.url, [(f"cat.{fmt.lower()}", buffer.getvalue())])
         assert response.status_code == 200, (fmt, response.text)
+
+
+def test_images_being_decoded_count_toward_the_queue_bound() -> None:
+    """Admission refuses at once when queued plus still-decoding images fill the bound: counting only the
+    queue admitted surge requests that decoded behind a backlog and were refused after it, in 100-750 ms."""
+    from service.batching.local import LocalModel
+    from service.core import Phase, Service
+    from service.errors import QueueFull
+    from service.settings import Settings
+
+    settings = Settings(max_queue=4, weights="random")
+    model = LocalModel(settings)
+    service = Service(settings, model)
+    service.phase = Phase.READY
+    with model.decoding(3):
+        assert model.admitted == 3
+        service.admit()  # 3 + 1 fits the bound of 4
+        with model.decoding(1), pytest.raises(QueueFull, match="4 of 4 images waiting or being decoded"):
+            service.admit()
+    assert model.admitted == 0
+    service.admit()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ class LocalModel:
         self._thread = model_thread()
         self.runtime: ModelRuntime | None = None
         self.batcher: Batcher | None = None
+        self._decoding = 0  # images this process admitted and is decoding (only the event loop writes it)
 
     async def start(self, on_available: Callable[[bool], None]) -> dict[str, Any]:
         """Load and warm in the model thread (the one that will run every batch), then start batching."""
@@ -47,9 +48,19 @@ class LocalModel:
     def queued(self) -> int:
         return self.batcher.queued if self.batcher is not None else 0
 
-    def decoding(self, count: int) -> contextlib.AbstractContextManager[None]:
-        """The model thread's batcher waits by its delay alone; nothing to count."""
-        return contextlib.nullcontext()
+    @property
+    def admitted(self) -> int:
+        """Images admitted and not yet taken by the model thread: queued, or being decoded."""
+        return self.queued + self._decoding
+
+    @contextlib.contextmanager
+    def decoding(self, count: int) -> Iterator[None]:
+        """Counted for admission only: the model thread's batcher waits by its delay alone."""
+        self._decoding += count
+        try:
+            yield
+        finally:
+            self._decoding -= count
 
     async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
         assert self.batcher is not None, "classify before start"

@@ -128,6 +128,11 @@ class RemoteModel:
     def queued(self) -> int:
         return self.ring.queued()
 
+    @property
+    def admitted(self) -> int:
+        """Images every front-end has admitted and no model process has taken: queued, or being decoded."""
+        return self.ring.queued() + self.ring.decoding_total()
+
     @contextlib.contextmanager
     def decoding(self, count: int) -> Iterator[None]:
         """`count` images of this front-end are being decoded: model processes may wait for them (see
