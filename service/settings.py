@@ -82,7 +82,11 @@ class Settings(BaseSettings):
         description="longest a batch stays open for more images: while the model is busy (thread kind), or while "
         "front-ends are still decoding images (model processes; a lone request never waits)",
     )
-    max_queue: int = Field(256, ge=1, description="queued images before new work gets 503")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="admitted images not yet taken by a model (queued or being decoded) before new work gets 503",
+    )
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")
     read_timeout_s: float = Field(15.0, gt=0, description="longest pause while receiving a request body")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per request body")
