@@ -164,8 +164,8 @@ class Service:
         admitted = self.model.admitted
         if admitted + count > self.settings.max_queue:
             # Refuse before spending CPU on decoding work that cannot be queued anyway. Images still being decoded
-            # count: under a surge, counting only the queue admitted requests that then waited behind a backlog
-            # of decodes and were refused after it (503s in 100-750 ms instead of at once; docs/benchmarks.md).
+            # count: with the queue alone, a surge was admitted while earlier decodes were on their way to the
+            # queue, decoded behind them and refused after all (RemoteModel.classify's check; docs/benchmarks.md).
             raise QueueFull(f"queue full ({admitted} of {self.settings.max_queue} images waiting or being decoded)")
         return self.model
 
