@@ -189,7 +189,8 @@ def model_config(service: Service) -> dict[str, Any]:
             for spec in OUTPUTS.values()
         ],
         "dynamic_batching": {
-            # Model processes take whatever is waiting when they free up: no batch is held open for more.
+            # The longest a batch stays open for more images: the thread kind while the model is busy, model
+            # processes while front-ends are still decoding images (a lone request never waits).
             "max_queue_delay_microseconds": round(s.max_batch_delay_ms * 1000),
             "default_queue_policy": {
                 "timeout_action": "REJECT",
