@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,11 +69,32 @@ class ModelBackend(Protocol):
 
     def decoding(self, count: int) -> contextlib.AbstractContextManager[None]: ...
 
+    def uploading(self, delta: int) -> None: ...
+
     async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]: ...
 
     async def drain(self, timeout: float) -> bool: ...
 
     async def close(self) -> None: ...
+
+
+class Admission:
+    """One admitted request's place in LEVIT_MAX_QUEUE while its body is read and parsed: one image, handed
+    back when its images are counted as being decoded (`Service.probabilities`) or when the request ends.
+
+    Why: admission that only checked let a surge through while the queue was nearly full; those requests
+    read their uploads, then met the full queue at the count check and got their 503 after 50-100 ms
+    (server-side median, 2 cores, `make test-stress`) instead of at once.
+    """
+
+    def __init__(self, model: ModelBackend) -> None:
+        self._model: ModelBackend | None = model
+        model.uploading(1)
+
+    def release(self) -> None:
+        if self._model is not None:
+            self._model.uploading(-1)
+            self._model = None
 
 
 class Service:
@@ -146,11 +167,16 @@ class Service:
             raise BadRequest(f"k must be between 1 and {self.settings.max_top_k}, got {k}")
         return k
 
-    def admit(self) -> None:
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[Admission]:
         """The one admission path, first in every protocol's request handler, before its body is read or
-        parsed: overload, loading and draining are refused in microseconds. (`probabilities` checks again
-        with the request's image count, before decoding.)"""
-        self._admit(1)
+        parsed: overload, loading and draining are refused in microseconds, and an admitted request holds one
+        image of the queue bound until `probabilities` counts its images (and checks them against the bound)."""
+        admission = Admission(self._admit(1))
+        try:
+            yield admission
+        finally:
+            admission.release()
 
     def _admit(self, count: int) -> ModelBackend:
         if self.phase is Phase.DRAINING:
@@ -163,10 +189,12 @@ class Service:
             raise PayloadTooLarge(f"{count} images in one request; the limit is {self.settings.max_images_per_request}")
         admitted = self.model.admitted
         if admitted + count > self.settings.max_queue:
-            # Refuse before spending CPU on decoding work that cannot be queued anyway. Images still being decoded
-            # count: with the queue alone, a surge was admitted while earlier decodes were on their way to the
-            # queue, decoded behind them and refused after all (RemoteModel.classify's check; docs/benchmarks.md).
-            raise QueueFull(f"queue full ({admitted} of {self.settings.max_queue} images waiting or being decoded)")
+            # Refuse before spending CPU on work that cannot be queued anyway. Images being decoded and requests
+            # being uploaded count: with the queue alone, a surge was admitted, read and decoded behind earlier
+            # work and refused after all, 50-750 ms later (`Admission`; docs/benchmarks.md).
+            raise QueueFull(
+                f"queue full ({admitted} of {self.settings.max_queue} images queued, decoding or uploading)"
+            )
         return self.model
 
     def _decode(self, upload: Upload) -> torch.Tensor:
@@ -184,8 +212,13 @@ class Service:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self._decoders, self._decode, u) for u in uploads)))
 
-    async def probabilities(self, images: list[Upload] | list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
-        """Softmax `[1000]` per image, in order: encoded uploads are decoded first; tensors go straight in."""
+    async def probabilities(
+        self, images: list[Upload] | list[torch.Tensor], deadline: float, admission: Admission | None = None
+    ) -> list[torch.Tensor]:
+        """Softmax `[1000]` per image, in order: encoded uploads are decoded first; tensors go straight in.
+        The request's `admission` gives its place back in the same step as its images are checked and counted."""
+        if admission is not None:
+            admission.release()
         batcher = self._admit(len(images))
         self._inflight += 1
         try:
@@ -198,9 +231,11 @@ class Service:
         finally:
             self._inflight -= 1
 
-    async def classify(self, uploads: list[Upload], k: int | None, deadline: float) -> list[ImageResult]:
+    async def classify(
+        self, uploads: list[Upload], k: int | None, deadline: float, admission: Admission | None = None
+    ) -> list[ImageResult]:
         k = self.check_k(k)
-        probs = await self.probabilities(uploads, deadline)
+        probs = await self.probabilities(uploads, deadline, admission)
         return [ImageResult(u.filename, top_k(p, k)) for u, p in zip(uploads, probs)]
 
     async def drain(self, timeout: float) -> bool:
@@ -220,4 +255,4 @@ class Service:
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["ImageError", "Phase", "Service", "Upload"]
+__all__ = ["Admission", "ImageError", "Phase", "Service", "Upload"]

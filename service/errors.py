@@ -83,6 +83,10 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+class InvalidParameter(ServiceError):
+    code = "invalid_parameter"
+
+
 class RequestTimeout(ServiceError):
     code = "request_timeout"
 

@@ -110,6 +110,9 @@ def test_request_shape_errors(server: ServerThread) -> None:
     assert no_body.status_code == 400 and no_body.json()["error"]["code"] == "bad_request"
     unknown = httpx.get(server.url + "/nope")
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    wrong_method = httpx.get(server.url + "/classify")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_upload_limit() -> None:
@@ -310,8 +313,11 @@ def test_docs_work_offline(server: ServerThread) -> None:
     assert "/static/swagger/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
     assert httpx.get(server.url + "/static/swagger/swagger-ui-bundle.js").status_code == 200
     schema = httpx.get(server.url + "/openapi.json").json()
-    body = schema["paths"]["/classify"]["post"]["requestBody"]["content"]
-    assert {"multipart/form-data", "image/*"} <= set(body)
+    operation = schema["paths"]["/classify"]["post"]
+    assert {"multipart/form-data", "image/*"} <= set(operation["requestBody"]["content"])
+    [k] = [p for p in operation["parameters"] if p["name"] == "k"]
+    assert k["in"] == "query" and k["schema"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 1000}
+    assert {"200", "405", "413", "503"} <= set(operation["responses"])
 
 
 def test_images_of_every_format(server: ServerThread) -> None:
@@ -323,9 +329,10 @@ def test_images_of_every_format(server: ServerThread) -> None:
         assert response.status_code == 200, (fmt, response.text)
 
 
-def test_images_being_decoded_count_toward_the_queue_bound() -> None:
-    """Admission refuses at once when queued plus still-decoding images fill the bound: counting only the
-    queue admitted surge requests that decoded behind a backlog and were refused after it, in 100-750 ms."""
+def test_images_being_decoded_or_uploaded_count_toward_the_queue_bound() -> None:
+    """Admission refuses at once when queued, decoding and uploading work fills the bound: counting only the
+    queue admitted surge requests that were read and decoded behind a backlog and refused after it, 50-750 ms
+    later. An admitted request holds one place until its images are counted, then exactly as many as it has."""
     from service.batching.local import LocalModel
     from service.core import Phase, Service
     from service.errors import QueueFull
@@ -335,10 +342,17 @@ def test_images_being_decoded_count_toward_the_queue_bound() -> None:
     model = LocalModel(settings)
     service = Service(settings, model)
     service.phase = Phase.READY
-    with model.decoding(3):
+    full = pytest.raises(QueueFull, match="4 of 4 images queued, decoding or uploading")
+    with model.decoding(2), service.admission() as uploading:  # 2 + 1 fits the bound of 4; it holds its place
         assert model.admitted == 3
-        service.admit()  # 3 + 1 fits the bound of 4
-        with model.decoding(1), pytest.raises(QueueFull, match="4 of 4 images waiting or being decoded"):
-            service.admit()
+        with service.admission():  # the last place
+            assert model.admitted == 4
+            with full, service.admission():
+                pass
+        assert model.admitted == 3  # a request that ends (an upload error, say) gives its place back
+        uploading.release()  # what `probabilities` does just before it counts the request's images
+        uploading.release()  # once only
+        assert model.admitted == 2
     assert model.admitted == 0
-    service.admit()
+    with service.admission():
+        assert model.admitted == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,7 @@ import grpc
 import httpx
 import pytest
 
+from bench.loadgen import Payload, multipart_request
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import photo, wait_until
@@ -130,14 +132,43 @@ def test_queue_bound_is_global_and_refuses_at_once() -> None:
         LEVIT_MODEL="LeViT_384",
         LEVIT_MAX_BATCH_SIZE="1",
         LEVIT_MAX_QUEUE="4",
+        LEVIT_THREAD_POLICY="spin",
     )
     try:
+        instances = httpx.get(server.url + "/v1/model").json()["instances"]
+        assert instances["policy"] == "spin" and instances["spin_count"] == 0, instances  # OpenMP's own spinning
+        with open(f"/proc/{server.children()['levit-model-0']}/environ", "rb") as environ:
+            assert not any(v.startswith(b"GOMP_SPINCOUNT=") for v in environ.read().split(b"\0"))
         statuses = burst(server, 24)
         assert set(statuses) <= {200, 503}, statuses
         assert statuses.count(503) >= 24 - 4 - 2 - 1 - 4, statuses  # queue + running + in transit, both front-ends
         assert statuses.count(200) >= 1
         samples = scrape(server.url)
         assert metric(samples, "levit_rejections_total", reason="queue_full") == statuses.count(503)
+    finally:
+        server.finish()
+
+
+def test_a_request_still_uploading_holds_its_place_in_the_queue() -> None:
+    """Admission counts a request from its headers on: while one upload is unfinished, a bound of one image
+    is full, and the next request gets its 503 at once instead of being read and refused afterwards."""
+    server = Proc(LEVIT_MAX_QUEUE="1")
+    request = multipart_request("127.0.0.1", server.http_port, Payload("cat.jpg", CAT))
+    try:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as upload:
+            upload.sendall(request[: len(request) // 2])  # headers and half of the body: admitted, still reading
+            refusals = []
+            for _ in range(50):  # until the front-end has read the headers (the probes themselves fit the bound)
+                response = server.classify()
+                if response.status_code == 503:
+                    refusals.append(response.json()["error"])
+                    break
+            assert refusals == [{"code": "queue_full", "message": "queue full (1 of 1 images queued, decoding or "
+                                 "uploading)"}], refusals  # fmt: skip
+            upload.sendall(request[len(request) // 2 :])
+            reply = upload.makefile("rb").readline()
+            assert reply.startswith(b"HTTP/1.1 200"), reply  # the admitted upload is served
+        assert server.classify().status_code == 200  # and its place given back
     finally:
         server.finish()
 

@@ -26,6 +26,7 @@ class LocalModel:
         self.runtime: ModelRuntime | None = None
         self.batcher: Batcher | None = None
         self._decoding = 0  # images this process admitted and is decoding (only the event loop writes it)
+        self._uploading = 0  # admitted requests still being read (the same)
 
     async def start(self, on_available: Callable[[bool], None]) -> dict[str, Any]:
         """Load and warm in the model thread (the one that will run every batch), then start batching."""
@@ -50,8 +51,12 @@ class LocalModel:
 
     @property
     def admitted(self) -> int:
-        """Images admitted and not yet taken by the model thread: queued, or being decoded."""
-        return self.queued + self._decoding
+        """Images admitted and not yet taken by the model thread: queued, being decoded, or (one per request)
+        still being uploaded."""
+        return self.queued + self._decoding + self._uploading
+
+    def uploading(self, delta: int) -> None:
+        self._uploading += delta
 
     @contextlib.contextmanager
     def decoding(self, count: int) -> Iterator[None]:

@@ -82,9 +82,10 @@ class RemoteModel:
 
     def _adopt_orphans(self) -> None:
         """A restarted front-end takes over the slots its predecessor held (same front-end id), and its
-        decoding count (those images died with it)."""
+        decoding and uploading counts (those requests died with it)."""
         ring = self.ring
         ring.decoding[self.frontend] = 0
+        ring.uploading[self.frontend] = 0
         mine = np.flatnonzero(ring.holder == self.frontend)
         free = []
         for slot in mine.tolist():
@@ -130,8 +131,14 @@ class RemoteModel:
 
     @property
     def admitted(self) -> int:
-        """Images every front-end has admitted and no model process has taken: queued, or being decoded."""
-        return self.ring.queued() + self.ring.decoding_total()
+        """Images every front-end has admitted and no model process has taken: queued, being decoded, or (one
+        per request) still being uploaded."""
+        ring = self.ring
+        return ring.queued() + ring.decoding_total() + ring.uploading_total()
+
+    def uploading(self, delta: int) -> None:
+        """Admitted requests of this front-end still being read: `Service.admission`. Only the event loop writes."""
+        self.ring.uploading[self.frontend] += delta
 
     @contextlib.contextmanager
     def decoding(self, count: int) -> Iterator[None]:

@@ -111,6 +111,7 @@ def _layout(spec: RingSpec) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, .
         ("instance_epoch", np.uint32, (spec.instances,)),
         ("instance_error", np.uint8, (spec.instances, ERROR_BYTES)),
         ("decoding", np.int32, (spec.frontends,)),  # images each front-end is decoding now (one writer each)
+        ("uploading", np.int32, (spec.frontends,)),  # admitted requests each front-end is still reading (same)
         ("gen", np.uint32, (n,)),
         ("state", np.uint8, (n,)),
         ("holder", np.int32, (n,)),
@@ -220,7 +221,7 @@ class Ring:
         self.owner, self.owner_epoch, self.probs = a["owner"], a["owner_epoch"], a["probs"]
         self.u8, self.f32 = a["u8"], a["f32"]
         self.instance_state, self.instance_epoch = a["instance_state"], a["instance_epoch"]
-        self.decoding = a["decoding"]
+        self.decoding, self.uploading = a["decoding"], a["uploading"]
         if create:
             self.holder[:] = -1
             self.owner[:] = -1
@@ -301,6 +302,10 @@ class Ring:
     def decoding_total(self) -> int:
         """Images admitted by the front-ends and being decoded: they will be queued within milliseconds."""
         return int(self.decoding.sum())
+
+    def uploading_total(self) -> int:
+        """Requests the front-ends admitted and are still reading or parsing: one image each, until decoding."""
+        return int(self.uploading.sum())
 
     def queued(self) -> int:
         """Images waiting for a model process, across every front-end."""

@@ -133,11 +133,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: aio.ServicerContext, streamed: bool = False
     ) -> pb.ModelInferResponse:
         model = protocol.resolve(self.settings, request.model_name, request.model_version)
-        self.service.admit()
-        parameters = parameters_of("the request", request.parameters)
-        deadline = self.service.deadline(timeout_ms(context), protocol.timeout_ms(parameters), stream=streamed)
-        job = protocol.Infer(self.service, model, inputs_of(request), outputs_of(request), request.id)
-        return response_of(model, job.id, await job.run(deadline))
+        with self.service.admission() as admission:
+            parameters = parameters_of("the request", request.parameters)
+            deadline = self.service.deadline(timeout_ms(context), protocol.timeout_ms(parameters), stream=streamed)
+            job = protocol.Infer(self.service, model, inputs_of(request), outputs_of(request), request.id)
+            return response_of(model, job.id, await job.run(deadline, admission))
 
     # --- RPCs ------------------------------------------------------------------------------------------------------
 

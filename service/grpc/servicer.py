@@ -49,11 +49,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _classify(
         self, request: pb.ClassifyRequest, context: aio.ServicerContext, stream: bool = False
     ) -> pb.ClassifyResponse:
-        self.service.admit()
-        deadline = self.service.deadline(timeout_ms(context), stream=stream)
-        uploads = [Upload(image.filename or f"image {i}", image.data) for i, image in enumerate(request.images)]
-        k = request.top_k if request.HasField("top_k") else None
-        return self._response(request, await self.service.classify(uploads, k, deadline))
+        with self.service.admission() as admission:
+            deadline = self.service.deadline(timeout_ms(context), stream=stream)
+            uploads = [Upload(image.filename or f"image {i}", image.data) for i, image in enumerate(request.images)]
+            k = request.top_k if request.HasField("top_k") else None
+            return self._response(request, await self.service.classify(uploads, k, deadline, admission))
 
     @staticmethod
     def _request_id(request: pb.ClassifyRequest, context: aio.ServicerContext) -> str:

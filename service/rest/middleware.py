@@ -50,10 +50,20 @@ async def _until_disconnect(request: Request) -> None:
 
 
 class RequestContext:
+    """Every HTTP request's id, metrics, header and body limits; then `endpoints[path]` if there is one (hot
+    routes that skip the app's router), else the app."""
+
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, read_timeout_s: float, routes: frozenset[str], protocol: str = "http"
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        read_timeout_s: float,
+        routes: frozenset[str],
+        protocol: str = "http",
+        endpoints: dict[str, ASGIApp] | None = None,
     ) -> None:
         self.app = app
+        self.endpoints = endpoints or {}
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
         self.routes = routes
@@ -98,7 +108,8 @@ class RequestContext:
                     await self._discard(receive, int(declared))
                     await self._reject(OUTCOMES["payload_too_large"], message, send_wrapper, v2_form)
                     return
-                await self.app(scope, self._limited(receive), send_wrapper)
+                app = self.endpoints.get(path, self.app)
+                await app(scope, self._limited(receive), send_wrapper)
             finally:
                 observation.finish(str(status))
 

@@ -297,19 +297,20 @@ def create_router(service: Service) -> APIRouter:
     @router.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str = "") -> Response:
         model = protocol.resolve(settings, name, version)
-        service.admit()  # overload is refused before the body is read
-        header_ms = timeout_header(request.headers.get(TIMEOUT_HEADER))
-        body = await read_body(request, settings.max_upload_bytes)
-        header, binary = parse(body, request.headers.get(HEADER_LENGTH))
-        request_id = header.get("id", "")
-        request_id = _string(request_id, "'id'")
-        parameters = _parameters(header.get("parameters"), "the request")
-        binary_default = parameters.get("binary_data_output", False)
-        if not isinstance(binary_default, bool):
-            raise ProtocolError("parameter binary_data_output must be true or false")
-        deadline = service.deadline(header_ms, protocol.timeout_ms(parameters))
-        job = protocol.Infer(service, model, _inputs(header, binary), _outputs(header), request_id)
-        return encode(model, job.id, await unless_disconnected(request, job.run(deadline)), binary_default)
+        with service.admission() as admission:  # overload is refused before the body is read
+            header_ms = timeout_header(request.headers.get(TIMEOUT_HEADER))
+            body = await read_body(request, settings.max_upload_bytes)
+            header, binary = parse(body, request.headers.get(HEADER_LENGTH))
+            request_id = header.get("id", "")
+            request_id = _string(request_id, "'id'")
+            parameters = _parameters(header.get("parameters"), "the request")
+            binary_default = parameters.get("binary_data_output", False)
+            if not isinstance(binary_default, bool):
+                raise ProtocolError("parameter binary_data_output must be true or false")
+            deadline = service.deadline(header_ms, protocol.timeout_ms(parameters))
+            job = protocol.Infer(service, model, _inputs(header, binary), _outputs(header), request_id)
+            outputs = await unless_disconnected(request, job.run(deadline, admission))
+        return encode(model, job.id, outputs, binary_default)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.configs import IMAGE_SIZE
-from service.core import Service, Upload
+from service.core import Admission, Service, Upload
 from service.errors import BadRequest, NotReady, ServiceError
 from service.logs import MAX_REQUEST_ID
 from service.runtime import top_k
@@ -340,8 +340,9 @@ class Infer:
         self.requested = outputs(requested, service.settings.max_top_k)  # cheap checks before decoding work
         self.images = images(inputs)
 
-    async def run(self, deadline: float) -> list[OutputTensor]:
-        probabilities = await self.service.probabilities(self.images, deadline)
+    async def run(self, deadline: float, admission: Admission | None = None) -> list[OutputTensor]:
+        """Decode, batch and compute; `admission`: the request's place in the queue bound (`Service.admission`)."""
+        probabilities = await self.service.probabilities(self.images, deadline, admission)
         return results(probabilities, self.requested)
 
 
