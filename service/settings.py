@@ -46,13 +46,14 @@ class Settings(BaseSettings):
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
     thread_policy: ThreadPolicy = Field(
-        "spin",
-        description="model processes on CPU: how OpenMP threads wait at barriers. spin = OpenMP's own default "
-        "(libgomp spins 300,000 times, milliseconds); brief = they spin LEVIT_SPIN_COUNT times, then sleep "
-        "(GOMP_SPINCOUNT): the cores go back to decoding as soon as a batch ends or a team thread is preempted "
-        "(+18% at 32 clients on 2 cores, but 503s under a 3x surge took 100-750 ms instead of under 75); sleep = "
-        "they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch bucket runs on 1 or LEVIT_THREADS threads, "
-        "whichever was faster when timed at start (docs/benchmarks.md)",
+        "brief",
+        description="model processes on CPU: how OpenMP threads wait at barriers. brief = they spin "
+        "LEVIT_SPIN_COUNT times, then sleep (GOMP_SPINCOUNT): the cores go back to decoding as soon as a batch "
+        "ends or a team thread is preempted (on 2 cores +11-18% at 32 clients, a lone image up to 1.2 ms "
+        "slower, 4x the admitted work under a 3x surge); spin = OpenMP's own default (libgomp spins 300,000 "
+        "times, milliseconds); sleep = they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch bucket runs on "
+        "1 or LEVIT_THREADS threads, whichever was "
+        "faster when timed at start (docs/benchmarks.md)",
     )
     spin_count: int = Field(
         10_000,
@@ -85,7 +86,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         256,
         ge=1,
-        description="admitted images not yet taken by a model (queued or being decoded) before new work gets 503",
+        description="admitted images not yet taken by a model (queued, being decoded, or one per request still "
+        "being uploaded) before new work gets 503",
     )
     request_timeout_ms: int = Field(10_000, ge=1, description="default per-request deadline")
     read_timeout_s: float = Field(15.0, gt=0, description="longest pause while receiving a request body")

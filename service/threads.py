@@ -43,8 +43,9 @@ def openmp_environment(policy: ThreadPolicy, spin_count: int) -> dict[str, str]:
     Why `brief` exists: a team that spins until its next parallel region holds a core for milliseconds after
     every forward, and holds its own core while a preempted partner thread is away, both times while decoders
     wait for it (on 2 cores, 16 images took 108-118 ms in the server against 60 ms alone). A team that never
-    spins pays a wake-up at each of a forward's hundreds of regions. Why it is not the default: under a 3x
-    surge the front-ends then answered 503s in 100-750 ms instead of at once (docs/benchmarks.md).
+    spins pays a wake-up at each of a forward's hundreds of regions. `brief` is the default since admission
+    holds a place for requests still uploading (`service.core.Admission`): before, its 503s under a 3x surge
+    took 100-750 ms, because more requests were admitted and then refused after their uploads (docs/benchmarks.md).
     """
     if policy == "sleep":
         return {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -77,7 +77,7 @@ def burst(server: Proc, count: int, timeout_ms: int | None = None) -> list[int |
 
 
 def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
-    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1", LEVIT_THREAD_POLICY="brief")
+    server = Proc(LEVIT_WORKERS="2", LEVIT_INSTANCES="2", LEVIT_THREADS="1")  # the default policy: brief
     try:
         names = server.children()
         assert {"levit-front-0", "levit-front-1", "levit-model-0", "levit-model-1"} <= set(names), names
