@@ -80,6 +80,10 @@ async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
     return statuses
 
 
+def _add(a: dict, b: dict) -> dict:
+    return {key: a.get(key, 0) + b.get(key, 0) for key in a.keys() | b.keys()}
+
+
 @pytest.mark.timeout(900)  # a hang guard, not a speed limit: 10k requests take minutes on 2 busy cores
 def test_soak_keeps_memory_fds_and_threads_flat() -> None:
     with running(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8") as server:
@@ -87,11 +91,21 @@ def test_soak_keeps_memory_fds_and_threads_flat() -> None:
         asyncio.run(drive_both(server.url, target, 400))  # warm-up: pools, caches and allocator arenas settle
         fds, threads = server.fds(), server.threads()
         rss = server.rss_mib()
-        http, grpc = asyncio.run(drive_both(server.url, target, TOTAL))
+        http, grpc = asyncio.run(drive_both(server.url, target, TOTAL // 2))
+        middle = server.rss_mib()
+        http2, grpc2 = asyncio.run(drive_both(server.url, target, TOTAL // 2))
+        end = server.rss_mib()
+        http, grpc = _add(http, http2), _add(grpc, grpc2)
         assert sum(http.values()) + sum(grpc.values()) == TOTAL
         assert http[200] + grpc["OK"] >= TOTAL // 2
-        growth = server.rss_mib() - rss
         wait_until(lambda: server.fds() <= fds, timeout=30)  # client connections closed on our side
-        print(f"soak: http {http}, grpc {grpc}, rss {rss:.0f} MiB -> +{growth:.1f} MiB, fds {fds}, threads {threads}")
-        assert growth <= 50
+        print(
+            f"soak: http {http}, grpc {grpc}, rss {rss:.0f} MiB -> +{middle - rss:.1f} MiB after {TOTAL // 2} "
+            f"requests -> +{end - middle:.1f} MiB after {TOTAL // 2} more, fds {fds}, threads {threads}"
+        )
+        # A leak grows with the work done: the second half may not add what 5 KiB per request would (24 MiB).
+        # The first half also settles what 400 warm-up requests did not (allocator arenas of the decoding
+        # threads, measured +27 to +52 MiB over a whole run before the split): bounded, but not by the leak rule.
+        assert end - middle <= 24, f"memory grows with requests: +{end - middle:.1f} MiB in the second half"
+        assert end - rss <= 100
         assert server.threads() == threads
