@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import threading
 import time
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from bench.loadgen import Payload, multipart_request
 from service.runtime import ModelRuntime
 from tests.conftest import Gate, ServerThread, photo, wait_until
 from tests.helpers import metric, scrape
@@ -260,6 +262,27 @@ def test_client_disconnect_drops_queued_work(gate: Gate) -> None:
     finally:
         gate.open.set()
         srv.stop()
+
+
+def test_client_gone_mid_upload_is_cancelled_not_an_error(server: ServerThread) -> None:
+    """A client that closes its connection halfway through its upload: 499 `cancelled` in the metrics (the
+    client's doing), not a 500 with a traceback; its place in the queue bound is given back."""
+    before = scrape(server.url)
+    cancelled = metric(before, "levit_request_duration_seconds_count", route="/classify", status="499")
+    errors = metric(before, "levit_request_duration_seconds_count", route="/classify", status="500")
+    port = int(server.url.rsplit(":", 1)[1])
+    request = multipart_request("127.0.0.1", port, Payload("cat.jpg", CAT))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as upload:
+        upload.sendall(request[: len(request) // 2])
+
+    def counted() -> float:
+        return metric(scrape(server.url), "levit_request_duration_seconds_count", route="/classify", status="499")
+
+    wait_until(lambda: counted() == cancelled + 1)
+    after = scrape(server.url)
+    assert metric(after, "levit_request_duration_seconds_count", route="/classify", status="500") == errors
+    assert server.server.service.model.admitted == 0
+    assert classify(server.url, [("cat.jpg", CAT)]).status_code == 200
 
 
 def test_drain_finishes_admitted_work_then_exits_cleanly(gate: Gate) -> None:

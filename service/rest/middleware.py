@@ -140,7 +140,8 @@ class RequestContext:
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
     def _limited(self, receive: Receive) -> Receive:
-        """Count streamed bytes (chunked uploads declare no length) and time out stalled uploads."""
+        """Count streamed bytes (chunked uploads declare no length), time out stalled uploads, and end a request
+        whose client went away mid-upload as 499 `cancelled`."""
         seen = 0
         body_done = False
 
@@ -157,6 +158,9 @@ class RequestContext:
                 body_done = not message.get("more_body", False)
                 if seen > self.max_body_bytes:
                     raise PayloadTooLarge(f"request body exceeds the {self.max_body_bytes} byte limit")
+            elif message["type"] == "http.disconnect":  # mid-upload: the client's doing (Starlette would raise
+                # ClientDisconnect, which the error ladder can only call a 500 internal)
+                raise Cancelled(f"client closed the request after {seen} bytes of its body")
             return message
 
         return wrapped
