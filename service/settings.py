@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         "brief",
         description="model processes on CPU: how OpenMP threads wait at barriers. brief = they spin "
         "LEVIT_SPIN_COUNT times, then sleep (GOMP_SPINCOUNT): the cores go back to decoding as soon as a batch "
-        "ends or a team thread is preempted (on 2 cores +11-18% at 32 clients, a lone image up to 1.2 ms "
+        "ends or a team thread is preempted (on 2 cores +3-18% at 32 clients, a lone image up to 1.2 ms "
         "slower, 4x the admitted work under a 3x surge); spin = OpenMP's own default (libgomp spins 300,000 "
         "times, milliseconds); sleep = they never spin (OMP_WAIT_POLICY=PASSIVE) and each batch bucket runs on "
         "1 or LEVIT_THREADS threads, whichever was "
