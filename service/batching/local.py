@@ -25,8 +25,7 @@ class LocalModel:
         self._thread = model_thread()
         self.runtime: ModelRuntime | None = None
         self.batcher: Batcher | None = None
-        self._decoding = 0  # images this process admitted and is decoding (only the event loop writes it)
-        self._uploading = 0  # admitted requests still being read (the same)
+        self._unqueued = 0  # admitted images being decoded or uploaded (only the event loop writes it)
 
     async def start(self, on_available: Callable[[bool], None]) -> dict[str, Any]:
         """Load and warm in the model thread (the one that will run every batch), then start batching."""
@@ -53,19 +52,19 @@ class LocalModel:
     def admitted(self) -> int:
         """Images admitted and not yet taken by the model thread: queued, being decoded, or (one per request)
         still being uploaded."""
-        return self.queued + self._decoding + self._uploading
+        return self.queued + self._unqueued
 
     def uploading(self, delta: int) -> None:
-        self._uploading += delta
+        self._unqueued += delta
 
     @contextlib.contextmanager
     def decoding(self, count: int) -> Iterator[None]:
         """Counted for admission only: the model thread's batcher waits by its delay alone."""
-        self._decoding += count
+        self._unqueued += count
         try:
             yield
         finally:
-            self._decoding -= count
+            self._unqueued -= count
 
     async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
         assert self.batcher is not None, "classify before start"

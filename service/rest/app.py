@@ -18,9 +18,9 @@ from swagger_ui_bundle import swagger_ui_path
 
 from service import metrics
 from service.core import Service
-from service.errors import OUTCOMES, NotReady, Outcome, ServiceError, refuse
+from service.errors import OUTCOMES, NotReady, ServiceError, refuse
 from service.rest import classify, page
-from service.rest.middleware import RequestContext, error_json
+from service.rest.middleware import RequestContext, error_response
 from service.rest.schemas import ErrorOut, Health
 from service.rest.v2 import create_router as v2_router
 
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 ROUTES = frozenset(
     {"/classify", "/healthz", "/readyz", "/metrics", "/v1/model", "/docs", "/openapi.json", *page.ROUTES}
 )
-
-
-def error_response(outcome: Outcome, message: str, status: int | None = None) -> JSONResponse:
-    status_code, body = error_json(outcome, message)
-    return JSONResponse(body, status_code=status or status_code, headers=outcome.headers)
 
 
 def create_app(service: Service) -> ASGIApp:

@@ -11,7 +11,6 @@ forms, every error) in /openapi.json, from a signature that is never called.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
@@ -20,11 +19,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from service.core import TIMEOUT_HEADER, Service, Upload, timeout_header
 from service.errors import OUTCOMES, BadRequest, InvalidParameter, PayloadTooLarge, refuse
-from service.rest.middleware import error_json, unless_disconnected
+from service.rest.middleware import error_response, unless_disconnected
 from service.rest.schemas import ClassifyOut, ErrorOut
 from service.results import Classification
 
@@ -120,11 +120,6 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
         await form.close()
 
 
-def _json(body: Any) -> bytes:
-    """What Starlette's JSONResponse writes (compact, UTF-8)."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
 class ClassifyEndpoint:
     """POST /classify, any other method 405; every error through `refuse`, as the FastAPI handlers do."""
 
@@ -132,23 +127,19 @@ class ClassifyEndpoint:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-type", b"application/json")]
+        response: Response
         if scope["method"] != "POST":
             outcome = OUTCOMES["method_not_allowed"]
             outcome.count()
-            status, body = error_json(outcome, "Method Not Allowed")
-            headers.append((b"allow", b"POST"))
+            response = error_response(outcome, "Method Not Allowed")
+            response.headers["allow"] = "POST"
         else:
             try:
-                status, body = 200, await self._classify(Request(scope, receive))
+                response = JSONResponse(await self._classify(Request(scope, receive)))
             except Exception as error:  # the one exception ladder decides (and logs 500s)
                 refusal = refuse(error)
-                status, body = error_json(refusal.outcome, refusal.message)
-                headers.extend((n.lower().encode(), v.encode()) for n, v in (refusal.outcome.headers or {}).items())
-        data = _json(body)
-        headers.append((b"content-length", str(len(data)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": data})
+                response = error_response(refusal.outcome, refusal.message)
+        await response(scope, receive, send)
 
     async def _classify(self, request: Request) -> dict[str, Any]:
         service = self.service

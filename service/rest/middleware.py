@@ -13,6 +13,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs, metrics
@@ -29,6 +30,12 @@ def error_json(outcome: Outcome, message: str, v2_form: bool = False) -> tuple[i
     if v2_form:
         return outcome.v2_http or outcome.http, {"error": message}
     return outcome.http, {"error": {"code": outcome.code, "message": message}}
+
+
+def error_response(outcome: Outcome, message: str, status: int | None = None) -> JSONResponse:
+    """`error_json` as a response, with the outcome's headers (`Retry-After`)."""
+    status_code, body = error_json(outcome, message)
+    return JSONResponse(body, status_code=status or status_code, headers=outcome.headers)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

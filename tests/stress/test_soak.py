@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 
 import httpx
 import pytest
@@ -80,10 +81,6 @@ async def drive(url: str, count: int, concurrency: int = 8) -> dict[int, int]:
     return statuses
 
 
-def _add(a: dict, b: dict) -> dict:
-    return {key: a.get(key, 0) + b.get(key, 0) for key in a.keys() | b.keys()}
-
-
 @pytest.mark.timeout(900)  # a hang guard, not a speed limit: 10k requests take minutes on 2 busy cores
 def test_soak_keeps_memory_fds_and_threads_flat() -> None:
     with running(LEVIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), LEVIT_MAX_BATCH_SIZE="8") as server:
@@ -95,7 +92,7 @@ def test_soak_keeps_memory_fds_and_threads_flat() -> None:
         middle = server.rss_mib()
         http2, grpc2 = asyncio.run(drive_both(server.url, target, TOTAL // 2))
         end = server.rss_mib()
-        http, grpc = _add(http, http2), _add(grpc, grpc2)
+        http, grpc = dict(Counter(http) + Counter(http2)), dict(Counter(grpc) + Counter(grpc2))
         assert sum(http.values()) + sum(grpc.values()) == TOTAL
         assert http[200] + grpc["OK"] >= TOTAL // 2
         wait_until(lambda: server.fds() <= fds, timeout=30)  # client connections closed on our side
