@@ -632,6 +632,7 @@ def server_topology(server: ServerProcess) -> str:
     return (
         f"engine {info['engine']} ({info.get('linears')} linears), {i.get('kind')}: {i.get('workers')} front-end(s), "
         f"{i.get('count')} instance(s) x {i.get('threads')} threads"
+        + (" (splitting batches, sharing the threads)" if i.get("split_batches") else "")
     )
 
 

@@ -106,6 +106,7 @@ class ModelRuntime:
                 "kind": s.instance_kind,
                 "count": s.instances or 1,
                 "threads": torch.get_num_threads(),
+                "split_batches": s.split_batches == "on",
                 "policy": s.thread_policy if s.instance_kind == "process" else "spin",
                 "spin_count": spin_count(),
                 "threads_by_batch": {str(k): v for k, v in self.engine.threads_for.items()},

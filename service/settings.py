@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
     instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
+    split_batches: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on = two CPU model processes share LEVIT_THREADS threads: the first reads every batch and "
+        "splits it with the second when that one is idle, each half on half the threads (no OpenMP barrier "
+        "between the halves, so a decoding thread that preempts one does not stall the other); a lone image "
+        "runs on all of them. auto = on with 2-3 cores and LEVIT_INSTANCES unset (measured on 2 cores: +7% at "
+        "32 clients, the same at 1 and 8; docs/benchmarks.md)",
+    )
     thread_policy: ThreadPolicy = Field(
         "brief",
         description="model processes on CPU: how OpenMP threads wait at barriers. brief = they spin "

@@ -66,7 +66,7 @@ class Supervisor:
         u8 = s.max_queue + t.instances * s.max_batch_size + s.max_images_per_request
         f32 = min(s.max_images_per_request, 64)
         self.ring_spec = RingSpec(u8, f32, t.workers, t.instances)
-        self.pipes = make_pipes(t.workers)
+        self.pipes = make_pipes(t.workers, t.instances)
         self.ring = Ring.create(self.ring_spec, self.pipes)
         self.ring_bytes = segment_bytes(self.ring_spec)
         self.instance_cores, self.frontend_cores = t.core_sets(s.pin_cores)
@@ -152,8 +152,9 @@ class Supervisor:
 
         t = self.topology
         log.info(
-            "supervisor: %d front-end(s), %d model instance(s) x %d threads on %d cores (%s); ring %.0f MiB",
-            t.workers, t.instances, t.threads, t.cores, t.device, self.ring_bytes / 2**20,
+            "supervisor: %d front-end(s), %d model instance(s) x %d threads%s on %d cores (%s); ring %.0f MiB",
+            t.workers, t.instances, t.threads, " (a pair splitting batches, sharing the threads)" if t.split else "",
+            t.cores, t.device, self.ring_bytes / 2**20,
         )  # fmt: skip
         if self.frontend_cores is not None:
             log.info("pinned: model instances on cores %s, front-ends on %s", self.instance_cores, self.frontend_cores)

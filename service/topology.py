@@ -28,6 +28,7 @@ class Topology:
     threads: int
     cores: int
     device: str  # "cpu" or "cuda[:N]"
+    split: bool = False  # two model processes splitting batches (service.batching.pair)
 
     def core_sets(self, pin: bool) -> tuple[list[tuple[int, ...] | None], tuple[int, ...] | None]:
         """With `pin`: model instance i gets its own `threads` cores, the front-ends the cores left over.
@@ -75,6 +76,8 @@ def plan(settings: Settings, cores: int | None = None, device: str | None = None
         threads = settings.threads or GPU_INSTANCE_THREADS
         workers = settings.workers or max(1, (cores - instances * threads) // 2)
         return Topology("process", workers, instances, threads, cores, device)
+    if _paired(settings, cores):
+        return Topology("process", settings.workers or 1, 2, settings.threads or cores, cores, device, split=True)
     instances = settings.instances or max(1, cores // THREADS_PER_CPU_INSTANCE)
     reserve = cores // CORES_PER_FRONTEND if cores >= 8 else 0  # cores left for decoding
     threads = settings.threads or max(1, (cores - reserve) // instances)
@@ -82,8 +85,25 @@ def plan(settings: Settings, cores: int | None = None, device: str | None = None
     return Topology("process", workers, instances, threads, cores, device)
 
 
+def _paired(settings: Settings, cores: int) -> bool:
+    """LEVIT_SPLIT_BATCHES: `auto` pairs two model processes where one would otherwise run a team of 2-3
+    threads beside the decoders (the only machines it was measured on: 2 cores)."""
+    if settings.split_batches == "off":
+        return False
+    if settings.split_batches == "on":
+        if settings.instances not in (0, 2):
+            raise ValueError("LEVIT_SPLIT_BATCHES=on pairs exactly two model instances (LEVIT_INSTANCES=2 or unset)")
+        return True
+    return settings.instances == 0 and 2 <= cores <= 3
+
+
 def resolved(settings: Settings, topology: Topology) -> Settings:
     """The settings each process runs with: no `0 = auto` left, so every process agrees."""
     return settings.model_copy(
-        update={"workers": topology.workers, "instances": topology.instances, "threads": topology.threads}
+        update={
+            "workers": topology.workers,
+            "instances": topology.instances,
+            "threads": topology.threads,
+            "split_batches": "on" if topology.split else "off",
+        }
     )

@@ -84,7 +84,7 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
         info = httpx.get(server.url + "/v1/model").json()
         assert info["instances"] == {
             "kind": "process", "count": 2, "threads": 1, "workers": 2, "policy": "brief", "threads_by_batch": {},
-            "spin_count": 10000,
+            "spin_count": 10000, "split_batches": False,
         }  # fmt: skip
         with open(f"/proc/{names['levit-model-1']}/environ", "rb") as environ:  # brief: what libgomp reads at load
             assert b"GOMP_SPINCOUNT=10000" in environ.read().split(b"\0")
@@ -214,6 +214,51 @@ def test_killed_front_end_is_replaced_and_its_slots_reclaimed(slow: Proc) -> Non
     code, err = slow.finish()
     assert code == 0, err
     assert "reclaimed" in err
+
+
+def test_a_pair_splits_batches_and_keeps_serving_when_either_process_dies() -> None:
+    """LEVIT_SPLIT_BATCHES (the default on 2-3 cores): the lead hands half of each batch to the idle follower;
+    a killed follower fails only its half and comes back; a killed lead leaves the follower reading the queue."""
+    server = Proc(
+        LEVIT_SPLIT_BATCHES="on",
+        LEVIT_THREADS="2",
+        LEVIT_MODEL="LeViT_384",
+        LEVIT_MAX_BATCH_SIZE="8",
+        LEVIT_LOG_LEVEL="INFO",
+    )
+
+    def started(index: int) -> int:  # how many times model process `index` has come up
+        return server.logs().count(f"model instance {index} ready")
+
+    try:
+        wait_until(lambda: started(0) == started(1) == 1, timeout=180)
+        info = httpx.get(server.url + "/v1/model").json()["instances"]
+        assert (info["count"], info["threads"], info["split_batches"]) == (2, 2, True)
+        before = scrape(server.url)
+        files = [("img", (f"cat{i}.jpg", CAT)) for i in range(8)]
+        reply = httpx.post(server.url + "/classify", files=files, timeout=120)
+        assert reply.status_code == 200
+        results = [r["predictions"] for r in reply.json()["results"]]
+        assert len(results) == 8 and all(r == results[0] for r in results)  # both halves: the same answers
+        after = scrape(server.url)
+        calls = metric(after, "levit_batch_size_count") - metric(before, "levit_batch_size_count")
+        images = metric(after, "levit_batch_size_sum") - metric(before, "levit_batch_size_sum")
+        assert (calls, images) == (2, 8)  # one batch of 8, computed as two halves of 4
+
+        for index in (1, 0):  # the follower, then the lead
+            victim = server.children()[f"levit-model-{index}"]
+            with ThreadPoolExecutor(12) as pool:
+                futures = [pool.submit(server.classify) for _ in range(12)]
+                wait_until(lambda: metric(scrape(server.url), "levit_queue_depth") >= 2)
+                os.kill(victim, signal.SIGKILL)
+                statuses = [f.result().status_code for f in futures]  # every request answered: none hangs
+                assert server.ready()  # the other process still serves
+            assert set(statuses) <= {200, 500} and 200 in statuses, (index, statuses)
+            wait_until(lambda index=index: started(index) == 2, timeout=180)  # restarted
+            assert burst(server, 6) == [200] * 6
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
 
 
 def test_start_up_failure_in_a_model_process_stops_the_server_with_one_line(tmp_path) -> None:

@@ -143,3 +143,40 @@ def test_gathering_stops_at_a_full_batch_and_leaves_the_rest_queued(ring: Ring) 
     write_all(ring.pipes.task_w.fileno(), b"".join(TASK.pack(i, 1, 0, 0, 1e9, 0.0) for i in range(4)))
     assert [t[0] for t in TASK.iter_unpack(gatherer.gather(have=1))] == [0, 1]
     assert ring.queued() == 2
+
+
+def test_a_pair_splits_with_an_idle_follower_and_takes_half_while_it_is_busy() -> None:
+    """service.batching.pair, both sides in one process over a real segment and real pipes."""
+    from service.batching.pair import Pair
+    from service.batching.ring import DOWN, QUEUED, READY, TAKEN
+
+    spec = RingSpec(u8_slots=8, f32_slots=0, frontends=1, instances=2)
+    ring = Ring.create(spec, make_pipes(spec.frontends, spec.instances))
+    try:
+        ring.instance_state[:] = READY
+        ring.instance_epoch[:] = (3, 5)
+        lead, follower = Pair(ring, 0, 3, threads=2), Pair(ring, 1, 5, threads=2)
+        live = [(slot, 1, 0, 1e9, 0.0) for slot in range(6)]
+        ring.state[:6] = TAKEN
+        assert lead.read_limit(16) == 16
+        keep, threads = lead.share(live)
+        assert [s for s, *_ in keep] == [0, 1, 2] and threads == 1
+        assert ring.instance_busy[1] == 1 and lead.read_limit(16) == 8  # the follower computes: half a batch
+        assert lead.share(live[:2]) == (live[:2], 1)  # nothing more handed to a busy follower
+        data, handed = follower.wait_handed(ring.pipes.task_r.fileno(), 16 * TASK.size)
+        assert handed and [t[0] for t in TASK.iter_unpack(data)] == [3, 4, 5]
+        assert all(ring.owner[s] == 1 and ring.owner_epoch[s] == 5 and ring.state[s] == TAKEN for s in (3, 4, 5))
+        assert follower.share(live[3:]) == (live[3:], 1)
+        follower.done()
+        assert lead.read_limit(16) == 16 and lead.share(live[:1]) == (live[:1], 2)  # a lone image: all threads
+        ring.instance_state[1] = DOWN
+        ring.instance_busy[1] = 1  # a follower killed mid-half leaves its flag set
+        assert lead.read_limit(16) == 16 and lead.share(live) == (live, 2)  # alone: whole batches, all threads
+        ring.instance_state[:] = (DOWN, READY)  # the lead is down: the follower reads the queue itself
+        ring.state[7] = QUEUED
+        write_all(ring.pipes.task_w.fileno(), TASK.pack(7, 1, 0, 0, 1e9, 0.0))
+        data, handed = follower.wait_handed(ring.pipes.task_r.fileno(), 16 * TASK.size)
+        assert not handed and [t[0] for t in TASK.iter_unpack(data)] == [7]
+        assert follower.share(live) == (live, 2)
+    finally:
+        ring.close()

@@ -10,12 +10,32 @@ from service.topology import plan, resolved, usable_cores
 
 @pytest.mark.parametrize(
     ("cores", "expected"),
-    [(1, (1, 1, 1)), (2, (1, 1, 2)), (4, (1, 1, 4)), (8, (2, 2, 3)), (16, (4, 4, 3)), (64, (16, 16, 3))],
+    [(1, (1, 1, 1)), (4, (1, 1, 4)), (8, (2, 2, 3)), (16, (4, 4, 3)), (64, (16, 16, 3))],
 )
 def test_cpu_defaults_keep_teams_small_and_leave_cores_to_decoding(cores: int, expected: tuple) -> None:
     t = plan(Settings(), cores=cores, device="cpu")
     assert (t.workers, t.instances, t.threads) == expected
     assert t.instances * t.threads <= cores
+    assert not t.split
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_two_or_three_cores_get_a_pair_that_splits_batches_and_shares_the_threads(cores: int) -> None:
+    t = plan(Settings(), cores=cores, device="cpu")
+    assert (t.workers, t.instances, t.threads, t.split) == (1, 2, cores, True)
+    assert resolved(Settings(), t).split_batches == "on"
+    assert t.core_sets(pin=True) == ([None, None], None)  # the pair shares the cores: nothing to pin
+
+
+def test_split_batches_follows_explicit_settings() -> None:
+    assert not plan(Settings(split_batches="off"), cores=2, device="cpu").split
+    assert not plan(Settings(instances=1), cores=2, device="cpu").split  # an explicit instance count: no pair
+    on = plan(Settings(split_batches="on", threads=8), cores=16, device="cpu")
+    assert (on.instances, on.threads, on.split) == (2, 8, True)
+    assert resolved(Settings(), plan(Settings(), cores=16, device="cpu")).split_batches == "off"
+    assert not plan(Settings(), cores=2, device="cuda").split
+    with pytest.raises(ValueError, match="exactly two model instances"):
+        plan(Settings(split_batches="on", instances=3), cores=8, device="cpu")
 
 
 def test_gpu_gets_one_model_process_and_the_cores_go_to_front_ends() -> None:

@@ -24,6 +24,7 @@ import torch
 
 from model.transforms import batch_input, normalize
 from service import metrics
+from service.batching.pair import Pair
 from service.batching.ring import (
     DONE,
     DROPPED_CANCELLED,
@@ -46,6 +47,7 @@ from service.settings import Settings
 from service.threads import name_os_thread
 
 log = logging.getLogger(__name__)
+Live = tuple[int, int, int, float, float]  # slot, generation, front-end, deadline, enqueued
 GATHER_POLL_S = 0.002  # how often a gathering model process looks at the front-ends' decoding counts
 
 
@@ -85,62 +87,89 @@ class Instance:
         self.task_fd = spec.pipes.task_r.fileno()
         self.gather_fd = nonblocking_reader(self.task_fd)
         self.result_fds = [reader_writer[1].fileno() for reader_writer in spec.pipes.results]
+        split = spec.settings.split_batches == "on"
+        self.pair = Pair(self.ring, self.index, self.epoch, spec.settings.threads) if split else None
+        self.threads = torch.get_num_threads()
         if self.ring.info() is None:
             self.ring.publish_info(self.runtime.describe())
         self.ring.instance_state[self.index] = READY
 
     def serve(self) -> None:
         record = TASK.size
+        pair = self.pair
         while True:
-            data = os.read(self.task_fd, self.max_batch * record)
+            limit, handed = self.max_batch, False
+            if pair and pair.follows:
+                data, handed = pair.wait_handed(self.task_fd, limit * record)
+            else:
+                limit = pair.read_limit(limit) if pair else limit
+                data = os.read(self.task_fd, limit * record)
             if not data:
                 return  # every writer is gone: the server is shutting down
-            if len(data) < self.max_batch * record and self.gather_s > 0 and self.ring.decoding_total():
-                data += self.gather(len(data) // record)
-            tasks = list(TASK.iter_unpack(data))
-            now = time.monotonic()
-            live, answers = [], {}
-            ring = self.ring
-            for slot, gen, frontend, _, deadline, enqueued in tasks:
-                if ring.gen[slot] != gen or ring.state[slot] != QUEUED:
-                    continue  # recycled or abandoned by a front-end that died
-                ring.owner_epoch[slot] = self.epoch
-                ring.owner[slot] = self.index
-                ring.state[slot] = TAKEN
-                if deadline <= now:  # first: a front-end also cancels the images whose deadline it saw pass
-                    status = DROPPED_DEADLINE
-                elif ring.cancelled[slot]:
-                    status = DROPPED_CANCELLED
-                else:
-                    live.append((slot, gen, frontend))
-                    metrics.QUEUE_WAIT.observe(now - enqueued)
-                    continue
-                metrics.IMAGES_DROPPED.labels("cancelled" if status == DROPPED_CANCELLED else "deadline").inc()
-                answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
+            if not handed and len(data) < limit * record and self.gather_s > 0 and self.ring.decoding_total():
+                data += self.gather(len(data) // record, limit)
+            live, answers = self._take(data, handed)
+            if pair:
+                live, threads = pair.share(live)
+                if threads != self.threads:
+                    torch.set_num_threads(threads)
+                    self.threads = threads
             if live:
-                status = self._forward([slot for slot, _, _ in live])
-                for slot, gen, frontend in live:
-                    ring.state[slot] = DONE
+                status = self._forward([slot for slot, *_ in live])
+                for slot, gen, frontend, *_ in live:
+                    self.ring.state[slot] = DONE
                     answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
             for frontend, records in answers.items():
                 _write_results(self.result_fds[frontend], b"".join(records))
+            if handed:
+                pair.done()
 
-    def gather(self, have: int) -> bytes:
+    def _take(self, data: bytes, handed: bool) -> tuple[list[Live], dict[int, list[bytes]]]:
+        """Claim the records' images for this process; answer the expired and cancelled ones at once.
+
+        Handed-over records (`service.batching.pair`) were claimed for this process by the lead already.
+        """
+        ring, now = self.ring, time.monotonic()
+        live, answers = [], {}
+        for slot, gen, frontend, _, deadline, enqueued in TASK.iter_unpack(data):
+            if ring.gen[slot] != gen:
+                continue  # recycled by a front-end
+            if handed:
+                if ring.state[slot] != TAKEN or ring.owner[slot] != self.index or ring.owner_epoch[slot] != self.epoch:
+                    continue  # handed to this process's previous life: the front-ends failed it
+            elif ring.state[slot] != QUEUED:
+                continue  # abandoned by a front-end that died
+            ring.owner_epoch[slot] = self.epoch
+            ring.owner[slot] = self.index
+            ring.state[slot] = TAKEN
+            if deadline <= now:  # first: a front-end also cancels the images whose deadline it saw pass
+                status = DROPPED_DEADLINE
+            elif ring.cancelled[slot]:
+                status = DROPPED_CANCELLED
+            else:
+                live.append((slot, gen, frontend, deadline, enqueued))
+                metrics.QUEUE_WAIT.observe(now - enqueued)
+                continue
+            metrics.IMAGES_DROPPED.labels("cancelled" if status == DROPPED_CANCELLED else "deadline").inc()
+            answers.setdefault(frontend, []).append(RESULT.pack(slot, gen, status, self.index))
+        return live, answers
+
+    def gather(self, have: int, limit: int | None = None) -> bytes:
         """More records for a batch of `have`, while front-ends are still decoding images (at most the batch
         delay): they are milliseconds from the queue, and a batch started without them would hold the cores
         (and slow their decoding) until it ends, then run again for a handful: at 8 clients on 2 cores, batches
         of 4 instead of 8. A lone request finds nothing being decoded and never waits here.
         """
-        record, extra = TASK.size, b""
+        record, extra, limit = TASK.size, b"", limit or self.max_batch
         deadline = time.monotonic() + self.gather_s
         decoding = True
-        while have < self.max_batch:
+        while have < limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             # the last decode's record is written just after its count drops: one short look once it is zero
             ready, _, _ = select.select([self.gather_fd], [], [], min(remaining, GATHER_POLL_S if decoding else 0.0005))
-            chunk = self._take((self.max_batch - have) * record) if ready else None
+            chunk = self._read_more((limit - have) * record) if ready else None
             if chunk == b"":
                 break  # every writer is gone
             if chunk:
@@ -151,7 +180,7 @@ class Instance:
             decoding = self.ring.decoding_total() > 0
         return extra
 
-    def _take(self, size: int) -> bytes | None:
+    def _read_more(self, size: int) -> bytes | None:
         """Up to `size` bytes of whole records without blocking; None if another model process took them first."""
         try:
             return os.read(self.gather_fd, size)

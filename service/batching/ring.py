@@ -109,6 +109,7 @@ def _layout(spec: RingSpec) -> tuple[dict[str, tuple[int, np.dtype, tuple[int, .
         ("info", np.uint8, (INFO_BYTES,)),
         ("instance_state", np.uint8, (spec.instances,)),
         ("instance_epoch", np.uint32, (spec.instances,)),
+        ("instance_busy", np.uint8, (spec.instances,)),
         ("instance_error", np.uint8, (spec.instances, ERROR_BYTES)),
         ("decoding", np.int32, (spec.frontends,)),  # images each front-end is decoding now (one writer each)
         ("uploading", np.int32, (spec.frontends,)),  # admitted requests each front-end is still reading (same)
@@ -148,9 +149,10 @@ class Pipes:
     free_f32_w: Connection
     results: list[tuple[Connection, Connection]]  # per front-end: (reader, writer)
     memory: Memory | None = None  # the segment itself, set by `Ring.create`
+    handoff: list[tuple[Connection, Connection]] | None = None
 
 
-def make_pipes(frontends: int) -> Pipes:
+def make_pipes(frontends: int, instances: int = 0) -> Pipes:
     import multiprocessing as mp
 
     def pipe() -> tuple[Connection, Connection]:
@@ -168,7 +170,9 @@ def make_pipes(frontends: int) -> Pipes:
     free_f32_r, free_f32_w = pipe()
     for conn in (free_u8_r, free_f32_r):
         os.set_blocking(conn.fileno(), False)  # an empty free list means "queue full", not "wait"
-    return Pipes(task_r, task_w, free_u8_r, free_u8_w, free_f32_r, free_f32_w, [pipe() for _ in range(frontends)])
+    pipes = Pipes(task_r, task_w, free_u8_r, free_u8_w, free_f32_r, free_f32_w, [pipe() for _ in range(frontends)])
+    pipes.handoff = [pipe() for _ in range(instances)]
+    return pipes
 
 
 def pipe_capacity(conn: Connection) -> int:
@@ -221,6 +225,7 @@ class Ring:
         self.owner, self.owner_epoch, self.probs = a["owner"], a["owner_epoch"], a["probs"]
         self.u8, self.f32 = a["u8"], a["f32"]
         self.instance_state, self.instance_epoch = a["instance_state"], a["instance_epoch"]
+        self.instance_busy = a["instance_busy"]
         self.decoding, self.uploading = a["decoding"], a["uploading"]
         if create:
             self.holder[:] = -1

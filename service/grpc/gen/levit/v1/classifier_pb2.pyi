@@ -127,7 +127,7 @@ class EngineArtifact(_message.Message):
     def __init__(self, origin: _Optional[str] = ..., path: _Optional[str] = ..., isa: _Optional[str] = ..., key: _Optional[str] = ..., build_s: _Optional[float] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Instances(_message.Message):
-    __slots__ = ("kind", "count", "threads", "workers", "policy", "threads_by_batch", "spin_count")
+    __slots__ = ("kind", "count", "threads", "workers", "policy", "threads_by_batch", "spin_count", "split_batches")
     class ThreadsByBatchEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class Instances(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THREADS_BY_BATCH_FIELD_NUMBER: _ClassVar[int]
     SPIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BATCHES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     count: int
     threads: int
@@ -149,7 +150,8 @@ class Instances(_message.Message):
     policy: str
     threads_by_batch: _containers.ScalarMap[str, int]
     spin_count: int
-    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ..., policy: _Optional[str] = ..., threads_by_batch: _Optional[_Mapping[str, int]] = ..., spin_count: _Optional[int] = ...) -> None: ...
+    split_batches: bool
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., threads: _Optional[int] = ..., workers: _Optional[int] = ..., policy: _Optional[str] = ..., threads_by_batch: _Optional[_Mapping[str, int]] = ..., spin_count: _Optional[int] = ..., split_batches: _Optional[bool] = ...) -> None: ...
 
 class Weights(_message.Message):
     __slots__ = ("id", "source", "sha256", "pretrained")
