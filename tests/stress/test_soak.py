@@ -102,7 +102,8 @@ def test_soak_keeps_memory_fds_and_threads_flat() -> None:
         )
         # A leak grows with the work done: the second half may not add what 5 KiB per request would (24 MiB).
         # The first half also settles what 400 warm-up requests did not (allocator arenas of the decoding
-        # threads, measured +27 to +52 MiB over a whole run before the split): bounded, but not by the leak rule.
+        # threads and of each model process: measured +27 to +52 MiB over a whole run with one model process,
+        # +81 with the pair that splits batches, the default on 2 cores): bounded, but not by the leak rule.
         assert end - middle <= 24, f"memory grows with requests: +{end - middle:.1f} MiB in the second half"
-        assert end - rss <= 100
+        assert end - rss <= 150
         assert server.threads() == threads
