@@ -232,6 +232,7 @@ def test_a_pair_splits_batches_and_keeps_serving_when_either_process_dies() -> N
 
     try:
         wait_until(lambda: started(0) == started(1) == 1, timeout=180)
+        assert server.logs().count("linears: ") == 1  # timed once, by the lead; the follower took its pick
         info = httpx.get(server.url + "/v1/model").json()["instances"]
         assert (info["count"], info["threads"], info["split_batches"]) == (2, 2, True)
         before = scrape(server.url)

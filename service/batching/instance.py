@@ -48,6 +48,7 @@ from service.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 Live = tuple[int, int, int, float, float]  # slot, generation, front-end, deadline, enqueued
+LINEARS_WAIT_S = 600.0  # how long a model process waits for the first one's pick of linears (a cold build)
 GATHER_POLL_S = 0.002  # how often a gathering model process looks at the front-ends' decoding counts
 
 
@@ -80,7 +81,7 @@ class Instance:
         self.epoch = spec.epoch
         self.ring = Ring(spec.ring, spec.pipes)
         self.ring.instance_state[self.index] = LOADING
-        self.runtime = ModelRuntime.warm(spec.settings)
+        self.runtime = ModelRuntime.warm(self._same_linears(spec.settings))
         self.engine = self.runtime.engine
         self.max_batch = spec.settings.max_batch_size
         self.gather_s = spec.settings.max_batch_delay_ms / 1000
@@ -93,6 +94,25 @@ class Instance:
         if self.ring.info() is None:
             self.ring.publish_info(self.runtime.describe())
         self.ring.instance_state[self.index] = READY
+
+    def _same_linears(self, settings: Settings) -> Settings:
+        """With `LEVIT_LINEARS=auto`, every model process runs the linear layers the first one to start picked.
+
+        Why: processes that time the candidates at once disturb each other's timings (a pair on 2 cores picked
+        MKL where one process alone picked oneDNN), and processes running different kernels give answers that
+        differ in the last digits depending on which one computed an image. Instance 0 times them; the others
+        wait for its published description (at most LINEARS_WAIT_S, then time them themselves); a restarted
+        process finds the description already there.
+        """
+        if settings.linears != "auto":
+            return settings
+        deadline = time.monotonic() + LINEARS_WAIT_S
+        while (info := self.ring.info()) is None and self.index > 0 and time.monotonic() < deadline:
+            if self.ring.instance_error(0):
+                break  # the first process failed to start: the supervisor is stopping the server
+            time.sleep(0.1)
+        picked = (info or {}).get("linears")
+        return settings.model_copy(update={"linears": picked}) if picked in ("onednn", "mkl") else settings
 
     def serve(self) -> None:
         record = TASK.size
