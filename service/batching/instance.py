@@ -24,7 +24,7 @@ import torch
 
 from model.transforms import batch_input, normalize
 from service import metrics
-from service.batching.pair import Pair
+from service.batching.pair import Live, Pair
 from service.batching.ring import (
     DONE,
     DROPPED_CANCELLED,
@@ -47,7 +47,6 @@ from service.settings import Settings
 from service.threads import name_os_thread
 
 log = logging.getLogger(__name__)
-Live = tuple[int, int, int, float, float]  # slot, generation, front-end, deadline, enqueued
 LINEARS_WAIT_S = 600.0  # how long a model process waits for the first one's pick of linears (a cold build)
 GATHER_POLL_S = 0.002  # how often a gathering model process looks at the front-ends' decoding counts
 
@@ -90,7 +89,6 @@ class Instance:
         self.result_fds = [reader_writer[1].fileno() for reader_writer in spec.pipes.results]
         split = spec.settings.split_batches == "on"
         self.pair = Pair(self.ring, self.index, self.epoch, spec.settings.threads) if split else None
-        self.threads = torch.get_num_threads()
         if self.ring.info() is None:
             self.ring.publish_info(self.runtime.describe())
         self.ring.instance_state[self.index] = READY
@@ -131,9 +129,8 @@ class Instance:
             live, answers = self._take(data, handed)
             if pair:
                 live, threads = pair.share(live)
-                if threads != self.threads:
+                if threads != torch.get_num_threads():
                     torch.set_num_threads(threads)
-                    self.threads = threads
             if live:
                 status = self._forward([slot for slot, *_ in live])
                 for slot, gen, frontend, *_ in live:

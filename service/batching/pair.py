@@ -27,6 +27,7 @@ import select
 
 from service.batching.ring import READY, TAKEN, TASK, Ring, write_all
 
+Live = tuple[int, int, int, float, float]  # a record being computed: slot, generation, front-end, deadline, enqueued
 LEAD, FOLLOWER = 0, 1
 LEAD_POLL_S = 0.1  # how often an idle follower checks whether the lead is still up
 
@@ -35,7 +36,7 @@ class Pair:
     """One side of the pair, in its model process."""
 
     def __init__(self, ring: Ring, index: int, epoch: int, threads: int) -> None:
-        assert ring.pipes.handoff is not None and index in (LEAD, FOLLOWER)
+        assert len(ring.pipes.handoff) == 2 and index in (LEAD, FOLLOWER)
         self.ring, self.index, self.epoch = ring, index, epoch
         self.partner = 1 - index
         self.threads, self.half_threads = threads, max(1, threads // 2)
@@ -52,7 +53,7 @@ class Pair:
 
     def read_limit(self, max_batch: int) -> int:
         """Records the lead may take now: half a batch while the follower computes the other half."""
-        if self.index == LEAD and self._partner_up() and self.ring.instance_busy[self.partner]:
+        if self._partner_up() and self.ring.instance_busy[self.partner]:
             return max(1, max_batch // 2)
         return max_batch
 
@@ -60,21 +61,22 @@ class Pair:
         """The follower's read: its hand-off pipe; the shared queue too once the lead is down.
         Returns the records and whether they were handed over (already taken for this process)."""
         while True:
-            fds = [self.handoff_r] if self.ring.instance_state[LEAD] == READY else [self.handoff_r, task_fd]
+            fds = [self.handoff_r] if self._partner_up() else [self.handoff_r, task_fd]
             ready, _, _ = select.select(fds, [], [], LEAD_POLL_S)
             if self.handoff_r in ready:
                 return os.read(self.handoff_r, size), True
             if task_fd in ready:
                 return os.read(task_fd, size), False
 
-    def share(self, live: list[tuple[int, int, int, float, float]]) -> tuple[list, int]:
+    def share(self, live: list[Live]) -> tuple[list[Live], int]:
         """The lead hands the second half of `live` to an idle follower. Returns what this process computes
         and on how many threads."""
         ring = self.ring
-        alone = not self._partner_up()
+        if not self._partner_up():
+            return live, self.threads  # alone, whichever side
         if self.index == FOLLOWER or ring.instance_busy[self.partner]:
-            return live, self.threads if alone else self.half_threads
-        if alone or len(live) < 2:
+            return live, self.half_threads  # the other half is being computed beside this one
+        if len(live) < 2:
             return live, self.threads
         keep, give = live[: len(live) // 2], live[len(live) // 2 :]
         epoch = ring.instance_epoch[self.partner]

@@ -31,7 +31,7 @@ import mmap
 import os
 import struct
 import termios
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any
@@ -149,7 +149,7 @@ class Pipes:
     free_f32_w: Connection
     results: list[tuple[Connection, Connection]]  # per front-end: (reader, writer)
     memory: Memory | None = None  # the segment itself, set by `Ring.create`
-    handoff: list[tuple[Connection, Connection]] | None = None
+    handoff: list[tuple[Connection, Connection]] = field(default_factory=list)  # per instance: a pair's hand-offs
 
 
 def make_pipes(frontends: int, instances: int = 0) -> Pipes:
@@ -170,9 +170,8 @@ def make_pipes(frontends: int, instances: int = 0) -> Pipes:
     free_f32_r, free_f32_w = pipe()
     for conn in (free_u8_r, free_f32_r):
         os.set_blocking(conn.fileno(), False)  # an empty free list means "queue full", not "wait"
-    pipes = Pipes(task_r, task_w, free_u8_r, free_u8_w, free_f32_r, free_f32_w, [pipe() for _ in range(frontends)])
-    pipes.handoff = [pipe() for _ in range(instances)]
-    return pipes
+    results, handoff = [pipe() for _ in range(frontends)], [pipe() for _ in range(instances)]
+    return Pipes(task_r, task_w, free_u8_r, free_u8_w, free_f32_r, free_f32_w, results, handoff=handoff)
 
 
 def pipe_capacity(conn: Connection) -> int:
