@@ -186,7 +186,8 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
     if key.isa not in cpu_isas():
         raise ArtifactError(f"{folder}: compiled for {key.isa}, which this CPU lacks ({', '.join(cpu_isas())})")
     try:
-        runner = torch._inductor.aoti_load_package(str(folder / PACKAGE))
+        with _unpacked_then_removed():
+            runner = torch._inductor.aoti_load_package(str(folder / PACKAGE))
     except Exception as error:  # a damaged or truncated package: torch raises RuntimeError or worse
         raise ArtifactError(f"{folder}: cannot load {PACKAGE} ({type(error).__name__}: {error})") from None
     probe = _probe(key.batch, getattr(torch, key.dtype))
@@ -242,17 +243,35 @@ def compiled_isa(package: Path) -> str:
 
 
 @contextlib.contextmanager
-def _isa_env(isa: str) -> Iterator[None]:
-    """Inductor compiles for `ATEN_CPU_CAPABILITY` when set (avx2 or avx512 families)."""
-    previous = os.environ.get("ATEN_CPU_CAPABILITY")
-    os.environ["ATEN_CPU_CAPABILITY"] = isa.split()[0]
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop("ATEN_CPU_CAPABILITY")
+            os.environ.pop(name)
         else:
-            os.environ["ATEN_CPU_CAPABILITY"] = previous
+            os.environ[name] = previous
+
+
+def _isa_env(isa: str) -> contextlib.AbstractContextManager[None]:
+    """Inductor compiles for `ATEN_CPU_CAPABILITY` when set (avx2 or avx512 families)."""
+    return _env("ATEN_CPU_CAPABILITY", isa.split()[0])
+
+
+@contextlib.contextmanager
+def _unpacked_then_removed() -> Iterator[None]:
+    """Loading unpacks the package's library into `$TMPDIR/aotinductor_*`, removed only when the loader is
+    destroyed, which a model process stopped by a signal never does: each start of a model process left its
+    buckets' libraries (5 x 33 MB) in /tmp. Once loaded the library stays mapped, so the files can go at once.
+    """
+    folder = tempfile.mkdtemp(prefix="levit-aoti-")  # also fixes Python's own temp dir before TMPDIR moves
+    try:
+        with _env("TMPDIR", folder):
+            yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
