@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -132,6 +133,21 @@ def test_upload_limit() -> None:
         assert classify(srv.url, [("cat.jpg", CAT)]).status_code == 200  # still serving
     finally:
         srv.stop()
+
+
+def test_large_multipart_upload_never_touches_the_temp_dir(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starlette spools a file part over 1 MB to a temporary file; in the hardened container /tmp is a 64 MiB
+    tmpfs that a few such uploads at once would fill. A temp dir that does not exist makes any spill fail."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    noise = Image.frombytes("RGB", (1200, 1200), bytes(range(256)) * (1200 * 1200 * 3 // 256))
+    buffer = io.BytesIO()
+    noise.effect_spread(40).save(buffer, "JPEG", quality=98)
+    assert buffer.tell() > 1.5 * 2**20, buffer.tell()
+    response = classify(server.url, [("big.jpg", buffer.getvalue()), ("cat.jpg", CAT)])
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
 
 
 def test_concurrent_requests_are_batched_with_identical_results(gate: Gate) -> None:

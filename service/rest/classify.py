@@ -18,7 +18,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -88,6 +88,19 @@ def query_k(query_string: bytes) -> int | None:
     return k
 
 
+class InMemoryMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, with every file kept in memory.
+
+    Its default spools a file over 1 MB to a temporary file: in the hardened container /tmp is a 64 MiB
+    tmpfs (docker/compose.yaml, the Helm chart), which a few large uploads at once would fill, failing them.
+    Each chunk after the spill, the seek and the read also become trips through a thread pool. The body is
+    already bounded (`LEVIT_MAX_UPLOAD_BYTES`) and read into memory whole to be decoded, so the file buys
+    nothing. (`SpooledTemporaryFile(max_size=0)` never rolls over.)
+    """
+
+    spool_max_size = 0
+
+
 def _filename(upload: UploadFile | str, index: int) -> str:
     name = upload.filename if isinstance(upload, UploadFile) else None
     return name or f"image {index}"
@@ -103,7 +116,10 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
             f"send multipart/form-data with field '{IMAGE_FIELD}', or an image/* body; got {content_type!r}"
         )
     try:
-        form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        parser = InMemoryMultiPartParser(
+            request.headers, request.stream(), max_files=max_images, max_fields=max_images + 16
+        )
+        form = await parser.parse()
     except MultiPartException as error:  # Starlette's parser refusals (outside a Starlette app: no HTTPException)
         if "Too many files" in error.message:
             raise PayloadTooLarge(f"more than {max_images} images in one request") from None
