@@ -1,9 +1,9 @@
-"""The compiled engine, built once and loaded in milliseconds: AOTInductor packages on disk.
+"""The compiled engine, built once and loaded in milliseconds: AOTInductor shared libraries on disk.
 
 Compiling the model in every process at every start (`torch.compile`, five batch buckets) kept a new
 server from serving for about two minutes on 2 cores, and a container without a C++ compiler could not
 compile at all. Instead `torch.export` captures the fused model at each batch bucket and AOTInductor
-compiles each into a shared library (a `.pt2` package) that loads in milliseconds without a compiler.
+compiles each into a shared library that loads in milliseconds without a compiler.
 The buckets are static shapes, as in the in-process engine: one package with a dynamic batch dimension
 was measured 0.74x as fast at batch 16 (Inductor specialises loops and MKL's weight packing on the
 shape; docs/benchmarks.md). The buckets are compiled in parallel processes, one per core.
@@ -14,6 +14,13 @@ batch size, dtype, linear-layer library, the model package's source, and the wei
 a changed checkpoint can never reuse an old artifact). On load the key is checked again, the ISA must
 be one this CPU runs, and the artifact's output on a probe batch must match the eager model: a stale,
 foreign or damaged artifact is rebuilt, or refused with a logged reason, never served.
+
+The library is kept unpacked (format 3) and mapped where it lies. torch's `.pt2` loader unpacks its
+package into $TMPDIR at every load: in the hardened container /tmp is a 64 MiB tmpfs, which two of the
+five 33 MB buckets filled, so the server fell back to a slower engine (docker/compose.yaml, the Helm
+chart); a model process stopped by a signal also left its copies there; and every process held private
+copies where processes mapping one file share its pages. A library is checked against the SHA-256
+recorded at build before it is mapped: a truncated library kills the process that maps it (SIGBUS).
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from torch import nn
 from model.configs import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
-FORMAT = 2  # bump when the artifact layout or the export recipe changes (2: kernels parallel for any team)
+FORMAT = 3  # bump when the artifact layout or the export recipe changes (2: kernels parallel for any team;
+# 3: the library unpacked, mapped in place)
 # Inductor writes `#pragma omp parallel num_threads(N)` into every kernel, N being the compiling process's
 # thread count, unless told the team is dynamic. Built in a one-thread pool worker, format 1's kernels were
 # all serial (0.84x the in-process engine at batch 16 on 2 threads). Dynamic kernels take the serving
@@ -51,7 +59,9 @@ KERNEL_THREADS_HINT = 8
 INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True, "cpp.threads": KERNEL_THREADS_HINT}
 PROBE_RTOL = 1e-4  # artifact vs eager on the probe batch, relative to the largest logit
 _CODE_FILES = ("levit.py", "fuse.py", "configs.py")  # what defines the exported graph, with OneDnnLinear
-PACKAGE = "model.pt2"
+PACKAGE = "model.pt2"  # what AOTInductor writes; unpacked into the two below, then deleted
+LIBRARY = "model.so"
+KERNELS = "kernel.cpp"  # the generated kernels, for reading (what a bucket runs)
 META = "meta.json"
 
 
@@ -144,7 +154,7 @@ class ArtifactKey:
 class Artifact:
     """The packages of one engine, one per batch bucket, all for the same ISA, linears and weights."""
 
-    folder: Path  # holds one sub-folder per bucket: <digest>/model.pt2 + meta.json
+    folder: Path  # holds one sub-folder per bucket: <digest>/{model.so, kernel.cpp, meta.json}
     keys: dict[int, ArtifactKey]  # bucket -> key
     origin: str  # "cache" (all found on disk), "built" (all compiled at this start), "cache+built"
     build_s: float | None = None  # compile seconds of the buckets, summed, when known
@@ -186,10 +196,15 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
     if key.isa not in cpu_isas():
         raise ArtifactError(f"{folder}: compiled for {key.isa}, which this CPU lacks ({', '.join(cpu_isas())})")
     try:
-        with _unpacked_then_removed():
-            runner = torch._inductor.aoti_load_package(str(folder / PACKAGE))
-    except Exception as error:  # a damaged or truncated package: torch raises RuntimeError or worse
-        raise ArtifactError(f"{folder}: cannot load {PACKAGE} ({type(error).__name__}: {error})") from None
+        digest = _sha256(folder / LIBRARY)
+    except OSError as error:
+        raise ArtifactError(f"{folder}: cannot read {LIBRARY} ({error})") from None
+    if digest != meta.get("library_sha256"):
+        raise ArtifactError(f"{folder}: {LIBRARY} is not the library that was built (damaged or replaced)")
+    try:
+        runner = Library(folder / LIBRARY)
+    except Exception as error:  # torch raises RuntimeError for what dlopen refuses
+        raise ArtifactError(f"{folder}: cannot load {LIBRARY} ({type(error).__name__}: {error})") from None
     probe = _probe(key.batch, getattr(torch, key.dtype))
     with torch.inference_mode():
         got, want = runner(probe), reference(probe)
@@ -260,18 +275,32 @@ def _isa_env(isa: str) -> contextlib.AbstractContextManager[None]:
     return _env("ATEN_CPU_CAPABILITY", isa.split()[0])
 
 
-@contextlib.contextmanager
-def _unpacked_then_removed() -> Iterator[None]:
-    """Loading unpacks the package's library into `$TMPDIR/aotinductor_*`, removed only when the loader is
-    destroyed, which a model process stopped by a signal never does: each start of a model process left its
-    buckets' libraries (5 x 33 MB) in /tmp. Once loaded the library stays mapped, so the files can go at once.
-    """
-    folder = tempfile.mkdtemp(prefix="levit-aoti-")  # also fixes Python's own temp dir before TMPDIR moves
-    try:
-        with _env("TMPDIR", folder):
-            yield
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+class Library:
+    """One bucket's compiled model, mapped from its artifact folder (what torch's `.pt2` loader runs once it
+    has unpacked the package). One input tensor, one output: no argument flattening to do."""
+
+    def __init__(self, path: Path) -> None:
+        self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._runner.run([x])[0]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _unpack(package: Path, folder: Path) -> str:
+    """The package's library and kernel source into `folder`; returns the library's SHA-256."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as archive:
+        for suffix, name in ((".wrapper.so", LIBRARY), (".kernel.cpp", KERNELS)):
+            (member,) = [n for n in archive.namelist() if n.endswith(suffix)]
+            with archive.open(member) as source, open(folder / name, "wb") as target:
+                shutil.copyfileobj(source, target)
+    return _sha256(folder / LIBRARY)
 
 
 def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
@@ -284,7 +313,10 @@ def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
         got = compiled_isa(tmp / PACKAGE)
         if got != key.isa:  # the key must say what the code needs, or a CPU without it would crash
             raise ArtifactError(f"asked Inductor for {key.isa}, it compiled for {got or 'no vector ISA'}")
-        meta = {"key": asdict(key), "build_s": round(seconds, 1), "built_at": time.time(), "python": sys.version}
+        library_sha256 = _unpack(tmp / PACKAGE, tmp)
+        (tmp / PACKAGE).unlink()
+        meta = {"key": asdict(key), "library_sha256": library_sha256, "build_s": round(seconds, 1),
+                "built_at": time.time(), "python": sys.version}  # fmt: skip
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)  # stale: failed its checks

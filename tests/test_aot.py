@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def test_a_fresh_folder_gets_a_build_then_serves_it(built: Engine, store: Path) 
         k.digest for k in keys.values()
     )
     for key in keys.values():
-        assert sorted(p.name for p in (store / key.digest).iterdir()) == [aot.META, aot.PACKAGE]
+        assert sorted(p.name for p in (store / key.digest).iterdir()) == [aot.KERNELS, aot.META, aot.LIBRARY]
         assert json.loads((store / key.digest / aot.META).read_text())["build_s"] > 0
 
 
@@ -89,20 +88,19 @@ def test_kernels_are_parallel_over_whatever_team_runs_them(built: Engine) -> Non
     """Inductor writes `omp parallel num_threads(N)` with the compiling process's N unless told the team is
     dynamic. The buckets compile in one-thread pool workers, so format 1's kernels were all serial: 0.84x the
     in-process engine at batch 16 on 2 threads. Every parallel region must take the serving team instead."""
-    package = built.artifact.folder / built.artifact.keys[16].digest / aot.PACKAGE
-    with zipfile.ZipFile(package) as archive:
-        source = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith("kernel.cpp"))
+    source = (built.artifact.folder / built.artifact.keys[16].digest / aot.KERNELS).read_text()
     pragmas = [line.strip() for line in source.splitlines() if line.strip().startswith("#pragma omp parallel")]
     assert len(pragmas) >= 10, "the batch-16 kernels should have parallel regions"
     assert set(pragmas) == {"#pragma omp parallel"}, sorted(set(pragmas))
     assert built.artifact.keys[16].kernel_threads.startswith("dynamic")
 
 
-def test_loading_leaves_no_unpacked_library_behind(
+def test_loading_maps_the_library_in_place_and_writes_nothing(
     built: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch unpacks a package into $TMPDIR and removes it only in the loader's destructor, which a model
-    process stopped by a signal never runs: every server start used to leave 5 x 33 MB in /tmp."""
+    """torch's `.pt2` loader unpacked each package into $TMPDIR: in the hardened container a 64 MiB tmpfs,
+    which two buckets filled (the engine fell back to a slower one), and a model process stopped by a
+    signal left its copies there. The library is now mapped from the artifact folder."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     key = built.artifact.keys[4]
@@ -153,11 +151,15 @@ def test_artifact_for_an_isa_this_cpu_lacks_is_refused(built: Engine, tmp_path: 
         aot.load(folder, key, built.model)
 
 
-def test_damaged_artifact_is_rebuilt(built: Engine, tmp_path: Path) -> None:
+def test_damaged_artifact_is_refused_before_it_is_mapped(built: Engine, tmp_path: Path) -> None:
+    """A truncated library would kill the process that maps it (SIGBUS): its checksum is checked first."""
     folder, key = _copy(built, tmp_path)
-    package = folder / aot.PACKAGE
-    package.write_bytes(package.read_bytes()[: package.stat().st_size // 3])
-    with pytest.raises(aot.ArtifactError, match="cannot load"):
+    library = folder / aot.LIBRARY
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 3])
+    with pytest.raises(aot.ArtifactError, match="not the library that was built"):
+        aot.load(folder, key, built.model)
+    library.unlink()
+    with pytest.raises(aot.ArtifactError, match="cannot read"):
         aot.load(folder, key, built.model)
 
 

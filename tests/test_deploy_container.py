@@ -48,6 +48,7 @@ def _engine() -> str:
 
 
 ENGINE = _engine()
+TMP_SIZE = "64m"  # as docker/compose.yaml and the Helm chart (tmpSizeLimit) give the server
 # The first test pays for the image build: minutes, most of them the builder stage compiling the engine
 # (model/aot.py, one package per bucket, ISA and linears), beyond the suite's 300 s per test.
 pytestmark = pytest.mark.timeout(2400)
@@ -89,7 +90,8 @@ def container(image, config):
     extra = [] if pretrained else ["-e", "LEVIT_WEIGHTS=random", "-e", "LEVIT_REQUIRE_PRETRAINED=false"]
     sh(
         "run", "-d", "--name", name, *FLAGS,
-        "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--read-only", "--tmpfs", f"/tmp:size={TMP_SIZE},mode=1777",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "-p", "127.0.0.1::8000", "-p", "127.0.0.1::50051", "-e", "LEVIT_THREADS=2", *extra, image,
     )  # fmt: skip
     ports = {}
@@ -170,7 +172,8 @@ def test_baked_weights_are_served(container):
 
 
 def test_serves_the_compiled_engine_baked_into_the_image(container):
-    """No compiler in the runtime image: the engine is the artifact its builder stage compiled, not trace."""
+    """No compiler in the runtime image: the engine is the artifact its builder stage compiled, not trace.
+    With /tmp a 64 MiB tmpfs, as deployed: torch's `.pt2` loader unpacked every bucket there and ran out."""
     model = json.load(urllib.request.urlopen(container["http"] + "/v1/model", timeout=10))
     assert model["engine"] == "aot", (model["engine"], model.get("engine_fallback"))
     artifact = model["engine_artifact"]
