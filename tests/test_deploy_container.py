@@ -29,7 +29,7 @@ import uuid
 
 import pytest
 
-from tests.deploy.support import METRICS, ROOT
+from tests.deploy.support import DEPLOYED_TMP_MIB, METRICS, ROOT
 
 if os.environ.get("DEPLOY_CONTAINER_TEST") != "1":
     pytest.skip(
@@ -48,7 +48,6 @@ def _engine() -> str:
 
 
 ENGINE = _engine()
-TMP_SIZE = "64m"  # as docker/compose.yaml and the Helm chart (tmpSizeLimit) give the server
 # The first test pays for the image build: minutes, most of them the builder stage compiling the engine
 # (model/aot.py, one package per bucket, ISA and linears), beyond the suite's 300 s per test.
 pytestmark = pytest.mark.timeout(2400)
@@ -90,7 +89,7 @@ def container(image, config):
     extra = [] if pretrained else ["-e", "LEVIT_WEIGHTS=random", "-e", "LEVIT_REQUIRE_PRETRAINED=false"]
     sh(
         "run", "-d", "--name", name, *FLAGS,
-        "--read-only", "--tmpfs", f"/tmp:size={TMP_SIZE},mode=1777",
+        "--read-only", "--tmpfs", f"/tmp:size={DEPLOYED_TMP_MIB}m,mode=1777",
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "-p", "127.0.0.1::8000", "-p", "127.0.0.1::50051", "-e", "LEVIT_THREADS=2", *extra, image,
     )  # fmt: skip

@@ -28,6 +28,10 @@ VALUES_FILES = {"default": None} | {p.stem: p for p in sorted((CHART / "ci").glo
 RELEASE, NAMESPACE = "rel", "levit"
 FULLNAME = f"{RELEASE}-levit-serve"
 
+# The writable /tmp that compose (a tmpfs) and the chart (a memory-backed emptyDir) give the server, in MiB.
+# The container test runs the image with the same, so what fits there fits where it is deployed.
+DEPLOYED_TMP_MIB = 64
+
 # Kubernetes versions the rendered manifests must validate against: the chart's floor and the newest.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
 

@@ -13,6 +13,7 @@ from tests.deploy.support import (
     COMPOSE,
     COMPOSE_GPU,
     DASHBOARD,
+    DEPLOYED_TMP_MIB,
     DOCKERFILES,
     GRAFANA_DIR,
     PROMETHEUS_CONFIG,
@@ -52,7 +53,8 @@ def test_compose_levit_service(compose_config, settings_cls, env_names):
     svc = compose_config["services"]["levit-serve"]
     assert Path(svc["build"]["context"]).resolve() == ROOT
     assert Path(svc["build"]["dockerfile"]).name == "Dockerfile"
-    assert any(t.split(":")[0] == "/tmp" for t in svc.get("tmpfs", [])), "writable /tmp under read_only"
+    [tmp] = [t for t in svc.get("tmpfs", []) if t.split(":")[0] == "/tmp"]  # writable /tmp under read_only
+    assert f"size={DEPLOYED_TMP_MIB}m" in tmp.split(":", 1)[1].split(","), (tmp, "as the container test runs it")
     env = svc["environment"]
     assert set(env) <= env_names, f"unknown LEVIT_* in compose: {sorted(set(env) - env_names)}"
     assert not levit_tokens(COMPOSE.read_text()) - env_names

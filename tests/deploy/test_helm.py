@@ -16,6 +16,7 @@ from tests.deploy.promql import adapter_rules, promql_uses
 from tests.deploy.support import (
     ADAPTER_VALUES,
     CHART,
+    DEPLOYED_TMP_MIB,
     DOCKERFILES,
     FULLNAME,
     KUBE_VERSIONS,
@@ -130,8 +131,11 @@ def test_pods_are_locked_down(rendered, values_name):
             assert "ALL" in sc.get("capabilities", {}).get("drop", []), f"{where}: capabilities drop ALL"
             assert not sc.get("capabilities", {}).get("add"), f"{where}: capabilities add"
             assert sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type") == "RuntimeDefault"
-            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             assert "/tmp" in mounts, f"{where}: writable /tmp under the read-only root"
+            if name.startswith("Deployment/"):  # the server's: the size the container test runs the image with
+                [tmp] = [v for v in spec.get("volumes", []) if v["name"] == mounts["/tmp"]]
+                assert tmp["emptyDir"].get("sizeLimit") == f"{DEPLOYED_TMP_MIB}Mi", (where, tmp)
             res = c.get("resources", {})
             assert res.get("limits", {}).get("memory") and res.get("requests", {}).get("cpu"), f"{where}: resources"
 
