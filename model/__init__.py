@@ -1,36 +1,31 @@
-"""LeViT: official architecture, checkpoints, BN fusion and the serving engine."""
+"""LeViT: official architecture, checkpoints, BN fusion and the serving engine.
 
-from model.checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from model.configs import VARIANTS, LeViTConfig, get_config
-from model.cost import Cost, count_macs, model_cost
-from model.engine import Engine
-from model.fuse import FusedLeViT, fuse
-from model.labels import ImageNetClass, imagenet_classes
-from model.levit import LeViT, build_levit
-from model.loader import WeightsInfo, load_weights
-from model.transforms import preprocess
-from model.weights import WeightsError, fetch_official
+The names below load on first use: importing a light submodule (`model.configs`, `model.weights`, as the
+settings do) must not import torch, which the server's supervisor and `levit-weights` never need.
+"""
 
-__all__ = [
-    "VARIANTS",
-    "CheckpointError",
-    "Cost",
-    "Engine",
-    "FusedLeViT",
-    "ImageNetClass",
-    "LeViT",
-    "LeViTConfig",
-    "WeightsError",
-    "WeightsInfo",
-    "build_levit",
-    "count_macs",
-    "fetch_official",
-    "fuse",
-    "get_config",
-    "imagenet_classes",
-    "load_checkpoint",
-    "load_weights",
-    "model_cost",
-    "preprocess",
-    "read_state_dict",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "model.checkpoint": ("CheckpointError", "load_checkpoint", "read_state_dict"),
+    "model.configs": ("VARIANTS", "LeViTConfig", "get_config"),
+    "model.cost": ("Cost", "count_macs", "model_cost"),
+    "model.engine": ("Engine",),
+    "model.fuse": ("FusedLeViT", "fuse"),
+    "model.labels": ("ImageNetClass", "imagenet_classes"),
+    "model.levit": ("LeViT", "build_levit"),
+    "model.loader": ("WeightsInfo", "load_weights"),
+    "model.transforms": ("preprocess",),
+    "model.weights": ("WeightsError", "fetch_official"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_HOME_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME_OF[name]), name)

@@ -33,7 +33,7 @@ class FrontendSpec:
 def main(spec: FrontendSpec) -> None:
     """Entry point of a spawned front-end; exits with `Server.run`'s status."""
     from service import logs
-    from service.batching.instance import die_with_parent
+    from service.batching.launch import die_with_parent
     from service.threads import name_os_thread
 
     die_with_parent(signal.SIGTERM)  # the supervisor is gone: drain and exit

@@ -79,13 +79,13 @@ class Supervisor:
 
     def _spawn(self, child: _Child) -> None:
         from service import frontend as frontend_module
-        from service.batching import instance as instance_module
+        from service.batching.launch import InstanceSpec, run_instance
 
         if child.role == "model":
             if self.topology.device == "cpu":  # read once by OpenMP when torch loads in the child; a user's own wins
                 for name, value in openmp_environment(self.settings.thread_policy, self.settings.spin_count).items():
                     os.environ.setdefault(name, value)
-            spec = instance_module.InstanceSpec(
+            spec = InstanceSpec(
                 child.index,
                 int(self.ring.instance_epoch[child.index]),
                 self.settings,
@@ -93,7 +93,7 @@ class Supervisor:
                 self.pipes,
                 self.instance_cores[child.index],
             )
-            target, name = instance_module.main, f"levit-model-{child.index}"
+            target, name = run_instance, f"levit-model-{child.index}"
         else:
             decoders = max(2, self.topology.cores // self.topology.workers)
             spec = frontend_module.FrontendSpec(
@@ -199,6 +199,8 @@ class Supervisor:
                 child.process.kill()
                 child.process.join()
                 self._status = self._status or 3
+            elif child.process.exitcode == -signal.SIGTERM:  # still starting: its drain handler was not set yet
+                log.info("front-end %d was stopped before it served: nothing to drain", child.index)
             elif child.process.exitcode != 0:
                 self._status = self._status or child.process.exitcode
         for child in self.instances:

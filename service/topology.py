@@ -57,9 +57,16 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA's driver, ROCm's, WSL2's
+
+
 def resolve_device(name: str) -> str:
+    """`auto`: CUDA when torch sees a device. Without any GPU driver's device node torch cannot, and the
+    supervisor (which plans here) is spared importing it: about 150 MB and a second before any child starts."""
     if name != "auto":
         return name
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,13 +17,13 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model.transforms import batch_input, normalize
 from service import metrics
+from service.batching.launch import InstanceSpec, die_with_parent
 from service.batching.pair import Live, Pair
 from service.batching.ring import (
     DONE,
@@ -37,9 +37,7 @@ from service.batching.ring import (
     RESULT,
     TAKEN,
     TASK,
-    Pipes,
     Ring,
-    RingSpec,
     nonblocking_reader,
     write_all,
 )
@@ -49,26 +47,6 @@ from service.threads import name_os_thread
 log = logging.getLogger(__name__)
 LINEARS_WAIT_S = 600.0  # how long a model process waits for the first one's pick of linears (a cold build)
 GATHER_POLL_S = 0.002  # how often a gathering model process looks at the front-ends' decoding counts
-
-
-@dataclass(frozen=True)
-class InstanceSpec:
-    """What a spawned model process needs: picklable."""
-
-    index: int
-    epoch: int
-    settings: Settings
-    ring: RingSpec
-    pipes: Pipes
-    cores: tuple[int, ...] | None = None  # pinned to these (LEVIT_PIN_CORES), before any thread exists
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Linux: the kernel sends `sig` to this process when the supervisor dies, so no orphan keeps a port."""
-    import ctypes
-
-    with contextlib.suppress(OSError):  # not glibc: no parent-death signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 class Instance:
