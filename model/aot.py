@@ -69,30 +69,58 @@ class ArtifactError(RuntimeError):
     """An artifact that cannot be used here; the message says why in one line."""
 
 
+# Inductor's x86 vector ISAs (`cpu_vec_isa.supported_vec_isa_list`), best first; each name lists the CPU
+# features it needs. Kept here so that finding and loading an artifact never imports Inductor (0.9 s and 68 MB
+# in every model process, before it can serve); tests/test_aot.py checks the table against Inductor's own.
+X86_ISAS = ("avx512 avx512_vnni amx_tile", "avx512 avx512_vnni", "avx512", "avx2")
+
+
+def _is_x86() -> bool:
+    return platform.machine() in ("x86_64", "AMD64")
+
+
+def x86_features() -> set[str]:
+    """What Inductor's `x86_isa_checker` reports, from the same probes in torch.cpu."""
+    avx512 = torch.cpu._is_avx512_supported()
+    probes = {
+        "avx2": torch.cpu._is_avx2_supported(),
+        "avx512": avx512,
+        "avx512_vnni": avx512 and torch.cpu._is_vnni_supported(),
+        "amx_tile": torch.cpu._is_amx_tile_supported(),
+    }
+    return {name for name, present in probes.items() if present}
+
+
 def cpu_isas() -> list[str]:
     """Inductor's vector ISAs this CPU can run, best first (e.g. `avx512 avx512_vnni`, `avx512`, `avx2`).
 
     Read from the CPU's flags, not from Inductor's own check, which compiles a test program: a runtime
     image has no compiler and must still tell which of its baked artifacts this CPU can run.
     """
-    from torch._inductor import cpu_vec_isa
+    if not _is_x86():
+        from torch._inductor import cpu_vec_isa
 
-    if platform.machine() not in ("x86_64", "AMD64"):
         return [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()] if can_compile() else []
-    flags = set(cpu_vec_isa.x86_isa_checker())
-    return [
-        str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if str(isa).split() and set(str(isa).split()) <= flags
-    ]
+    features = x86_features()
+    return [isa for isa in X86_ISAS if set(isa.split()) <= features]
 
 
 def native_isa() -> str:
     """The ISA Inductor compiles for on this machine (honours `ATEN_CPU_CAPABILITY=avx2|avx512`); without a
     compiler, the best this CPU runs."""
-    from torch._inductor import cpu_vec_isa
-
     if not can_compile():
         return next(iter(cpu_isas()), "")
+    from torch._inductor import cpu_vec_isa
+
     return str(cpu_vec_isa.pick_vec_isa())
+
+
+def preferred_isa() -> str:
+    """The ISA whose artifact to look for first: the best this CPU runs, as `native_isa` answers on x86 when
+    the compiler can target it, without importing Inductor. Only an order: any artifact this CPU runs is used."""
+    if _is_x86() and not os.environ.get("ATEN_CPU_CAPABILITY"):
+        return next(iter(cpu_isas()), "")
+    return native_isa()
 
 
 def can_compile() -> bool:
@@ -360,10 +388,10 @@ def find(
 ) -> tuple[dict[int, Runner], Artifact] | None:
     """A complete set of artifacts (every bucket) for this model that this CPU runs and that proves itself.
 
-    The build machine's own ISA first, then any other this CPU has (an image's portable avx2 set will do).
+    The best ISA this CPU runs first, then any other it has (an image's portable avx2 set will do).
     Rejected artifacts are logged with the reason, which is also added to `rejected` for the caller's message.
     """
-    native = native_isa()
+    native = preferred_isa()
     base = ArtifactKey.of(model, dtype, linears, native)
     for isa in [native, *(i for i in cpu_isas() if i != native)]:
         runners, keys, seconds, folder = {}, {}, 0.0, None

@@ -131,7 +131,8 @@ class Engine:
         if self.kind == "aot" and self.device.type != "cpu":
             raise ValueError("LEVIT_ENGINE=aot is CPU-only; use eager on GPU")
         self.max_batch_size = max_batch_size
-        self.model = self._plain = model.to(self.device, dtype).eval()
+        self.model: nn.Module | None = model.to(self.device, dtype).eval()  # None once artifacts serve
+        self._plain = self.model
         self.artifact: Artifact | None = None
         self.fallback: str | None = None  # why `auto` could not use the artifact
         self.linear_ms: dict[str, float] = {}
@@ -142,6 +143,7 @@ class Engine:
             runners = self._build_aot(linears, dirs)
             if runners is not None:
                 self._run = lambda x: runners[x.shape[0]](x)
+                self.model = self._plain = None  # the artifacts hold the weights: the eager copies (~50 MB) go
                 return
         self.linears, self.linear_ms = self._choose_linears(linears)
         if self.linears == "onednn":
