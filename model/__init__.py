@@ -14,7 +14,7 @@ _HOMES = {
     "model.configs": ("VARIANTS", "LeViTConfig", "get_config"),
     "model.cost": ("Cost", "count_macs", "model_cost"),
     "model.engine": ("Engine",),
-    "model.fuse": ("FusedLeViT", "fuse"),
+    "model.fuse": ("FusedLeViT",),  # not `fuse`: the submodule's own name (`from model.fuse import fuse`)
     "model.labels": ("ImageNetClass", "imagenet_classes"),
     "model.levit": ("LeViT", "build_levit"),
     "model.loader": ("WeightsInfo", "load_weights"),

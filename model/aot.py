@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -47,8 +48,8 @@ from torch import nn
 from model.configs import IMAGE_SIZE
 
 log = logging.getLogger(__name__)
-FORMAT = 3  # bump when the artifact layout or the export recipe changes (2: kernels parallel for any team;
-# 3: the library unpacked, mapped in place)
+FORMAT = 4  # bump when the artifact layout or the export recipe changes (2: kernels parallel for any team;
+# 3: the library unpacked, mapped in place; 4: compiled for its ISA, not for the build machine)
 # Inductor writes `#pragma omp parallel num_threads(N)` into every kernel, N being the compiling process's
 # thread count, unless told the team is dynamic. Built in a one-thread pool worker, format 1's kernels were
 # all serial (0.84x the in-process engine at batch 16 on 2 threads). Dynamic kernels take the serving
@@ -56,6 +57,10 @@ FORMAT = 3  # bump when the artifact layout or the export recipe changes (2: ker
 # many loop levels are split (enough for teams up to 8), and measured the same as kernels compiled for
 # exactly 2 threads (docs/benchmarks.md).
 KERNEL_THREADS_HINT = 8
+# Inductor compiles with -march=native plus the ISA's own flags: an `avx2` artifact built on an AVX-512 machine
+# then holds AVX-512 instructions, and kills (SIGILL) the process that loads it on a CPU without them. On x86 the
+# baseline is a level every AVX2 CPU has, so the key's ISA is all the code needs.
+X86_MARCH = "x86-64-v2"
 INDUCTOR_CONFIGS = {"freezing": True, "cpp.dynamic_threads": True, "cpp.threads": KERNEL_THREADS_HINT}
 PROBE_RTOL = 1e-4  # artifact vs eager on the probe batch, relative to the largest logit
 _CODE_FILES = ("levit.py", "fuse.py", "configs.py")  # what defines the exported graph, with OneDnnLinear
@@ -268,16 +273,13 @@ def compile_package(model: nn.Module, dtype: torch.dtype, batch: int, target: Pa
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad():
         exported = torch.export.export(model, (_example(batch, dtype),))
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(target), inductor_configs=dict(INDUCTOR_CONFIGS)
-        )
+        configs = {**INDUCTOR_CONFIGS, **({"cpp.march": X86_MARCH} if _is_x86() else {})}
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(target), inductor_configs=configs)
     return time.perf_counter() - start
 
 
 def compiled_isa(package: Path) -> str:
     """The ISA AOTInductor recorded in the package (`AOTI_CPU_ISA`), as `cpu_isas()` spells it."""
-    import zipfile
-
     with zipfile.ZipFile(package) as archive:
         for name in archive.namelist():
             if name.endswith("wrapper_metadata.json"):
@@ -321,8 +323,6 @@ def _sha256(path: Path) -> str:
 
 def _unpack(package: Path, folder: Path) -> str:
     """The package's library and kernel source into `folder`; returns the library's SHA-256."""
-    import zipfile
-
     with zipfile.ZipFile(package) as archive:
         for suffix, name in ((".wrapper.so", LIBRARY), (".kernel.cpp", KERNELS)):
             (member,) = [n for n in archive.namelist() if n.endswith(suffix)]
@@ -341,7 +341,10 @@ def build(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
         got = compiled_isa(tmp / PACKAGE)
         if got != key.isa:  # the key must say what the code needs, or a CPU without it would crash
             raise ArtifactError(f"asked Inductor for {key.isa}, it compiled for {got or 'no vector ISA'}")
-        library_sha256 = _unpack(tmp / PACKAGE, tmp)
+        try:
+            library_sha256 = _unpack(tmp / PACKAGE, tmp)
+        except (OSError, ValueError, zipfile.BadZipFile) as error:  # the caller falls back on ArtifactError
+            raise ArtifactError(f"cannot unpack the compiled package ({type(error).__name__}: {error})") from None
         (tmp / PACKAGE).unlink()
         meta = {"key": asdict(key), "library_sha256": library_sha256, "build_s": round(seconds, 1),
                 "built_at": time.time(), "python": sys.version}  # fmt: skip
@@ -420,9 +423,18 @@ def _build_worker(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
     torch.set_num_threads(1)
     inductor_config.compile_threads = 1
     with _locked(folder, key.digest):  # one builder per bucket, also across several model processes
-        if (folder / key.digest / META).exists():
+        if _intact(folder / key.digest, key):  # another process built it meanwhile
             return _build_s(folder / key.digest) or 0.0
-        return build(model, key, folder)
+        return build(model, key, folder)  # absent, or damaged: replaced
+
+
+def _intact(folder: Path, key: ArtifactKey) -> bool:
+    """The artifact on disk is the one built for `key`: its recorded key, and its library's checksum."""
+    try:
+        meta = _read_meta(folder)
+        return meta.get("key") == asdict(key) and _sha256(folder / LIBRARY) == meta.get("library_sha256")
+    except (ArtifactError, OSError):
+        return False
 
 
 def build_all(model: nn.Module, keys: list[ArtifactKey], folder: Path, workers: int) -> dict[ArtifactKey, float]:

@@ -105,12 +105,14 @@ def _paired(settings: Settings, cores: int) -> bool:
 
 
 def resolved(settings: Settings, topology: Topology) -> Settings:
-    """The settings each process runs with: no `0 = auto` left, so every process agrees."""
+    """The settings each process runs with: no `0 = auto` left, so every process agrees (the device too: a
+    model process asking torch again could find a GPU the plan was not made for)."""
     return settings.model_copy(
         update={
             "workers": topology.workers,
             "instances": topology.instances,
             "threads": topology.threads,
             "split_batches": "on" if topology.split else "off",
+            "device": topology.device,
         }
     )

@@ -135,6 +135,28 @@ def test_an_engine_on_artifacts_keeps_no_eager_copy(built: Engine) -> None:
     assert built.linears == "onednn" and built(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
 
 
+def test_kernels_are_compiled_for_their_isa_not_for_the_build_machine(built: Engine) -> None:
+    """Inductor's default -march=native let an `avx2` artifact built on an AVX-512 machine hold AVX-512
+    instructions (SIGILL where they are missing): the baseline is fixed, the ISA's own flags add the rest."""
+    for key in built.artifact.keys.values():
+        source = (built.artifact.folder / key.digest / aot.KERNELS).read_text()
+        commands = [line for line in source.splitlines() if line.startswith("// g++")]
+        assert commands and all(f"-march={aot.X86_MARCH}" in c and "-march=native" not in c for c in commands)
+
+
+def test_a_damaged_artifact_is_rebuilt(built: Engine, tmp_path: Path) -> None:
+    """Refused at load (checksum), then compiled again in its place: not refused at every start."""
+    for batch in (1, 2):
+        _copy(built, tmp_path, batch)
+    damaged = tmp_path / built.artifact.keys[2].digest / aot.LIBRARY
+    damaged.write_bytes(damaged.read_bytes()[:4096])
+    engine = Engine(served_model(), "aot", 2, linears="onednn", artifact_dirs=[tmp_path])
+    assert engine.artifact is not None and engine.artifact.origin == "cache+built"
+    assert aot._intact(tmp_path / built.artifact.keys[2].digest, built.artifact.keys[2])
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(engine(x), built(x), rtol=1e-5, atol=1e-5)
+
+
 def test_key_covers_weights_linears_isa_and_torch() -> None:
     model = served_model()
     base = aot.ArtifactKey.of(model, torch.float32, "onednn")

@@ -55,6 +55,7 @@ def test_explicit_settings_win_and_thread_kind_is_one_process() -> None:
 def test_resolved_settings_have_no_automatic_values_left() -> None:
     s = resolved(Settings(), plan(Settings(), cores=16, device="cpu"))
     assert (s.workers, s.instances, s.threads) == (4, 4, 3)
+    assert s.device == "cpu"  # what the plan was made for, not `auto` asked again in each process
     assert 1 <= usable_cores() <= (__import__("os").cpu_count() or 1)
 
 
