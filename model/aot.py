@@ -223,17 +223,9 @@ def _read_meta(folder: Path) -> dict[str, object]:
 
 def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Load an artifact for `key` and prove it: same key on disk, an ISA this CPU runs, the same numbers."""
-    meta = _read_meta(folder)
-    if meta.get("key") != asdict(key):
-        raise ArtifactError(f"{folder}: its key differs from this model's (stale or foreign artifact)")
+    _verify(folder, key)
     if key.isa not in cpu_isas():
         raise ArtifactError(f"{folder}: compiled for {key.isa}, which this CPU lacks ({', '.join(cpu_isas())})")
-    try:
-        digest = _sha256(folder / LIBRARY)
-    except OSError as error:
-        raise ArtifactError(f"{folder}: cannot read {LIBRARY} ({error})") from None
-    if digest != meta.get("library_sha256"):
-        raise ArtifactError(f"{folder}: {LIBRARY} is not the library that was built (damaged or replaced)")
     try:
         runner = Library(folder / LIBRARY)
     except Exception as error:  # torch raises RuntimeError for what dlopen refuses
@@ -288,21 +280,17 @@ def compiled_isa(package: Path) -> str:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def _isa_env(isa: str) -> Iterator[None]:
+    """Inductor compiles for `ATEN_CPU_CAPABILITY` when set (avx2 or avx512 families)."""
+    previous = os.environ.get("ATEN_CPU_CAPABILITY")
+    os.environ["ATEN_CPU_CAPABILITY"] = isa.split()[0]
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(name)
+            os.environ.pop("ATEN_CPU_CAPABILITY")
         else:
-            os.environ[name] = previous
-
-
-def _isa_env(isa: str) -> contextlib.AbstractContextManager[None]:
-    """Inductor compiles for `ATEN_CPU_CAPABILITY` when set (avx2 or avx512 families)."""
-    return _env("ATEN_CPU_CAPABILITY", isa.split()[0])
+            os.environ["ATEN_CPU_CAPABILITY"] = previous
 
 
 class Library:
@@ -428,13 +416,26 @@ def _build_worker(model: nn.Module, key: ArtifactKey, folder: Path) -> float:
         return build(model, key, folder)  # absent, or damaged: replaced
 
 
-def _intact(folder: Path, key: ArtifactKey) -> bool:
-    """The artifact on disk is the one built for `key`: its recorded key, and its library's checksum."""
+def _verify(folder: Path, key: ArtifactKey) -> None:
+    """The artifact on disk is the one built for `key` (its recorded key, its library's checksum), or
+    ArtifactError says why. Checked before the library is mapped: a truncated one would kill the process."""
+    meta = _read_meta(folder)
+    if meta.get("key") != asdict(key):
+        raise ArtifactError(f"{folder}: its key differs from this model's (stale or foreign artifact)")
     try:
-        meta = _read_meta(folder)
-        return meta.get("key") == asdict(key) and _sha256(folder / LIBRARY) == meta.get("library_sha256")
-    except (ArtifactError, OSError):
+        digest = _sha256(folder / LIBRARY)
+    except OSError as error:
+        raise ArtifactError(f"{folder}: cannot read {LIBRARY} ({error})") from None
+    if digest != meta.get("library_sha256"):
+        raise ArtifactError(f"{folder}: {LIBRARY} is not the library that was built (damaged or replaced)")
+
+
+def _intact(folder: Path, key: ArtifactKey) -> bool:
+    try:
+        _verify(folder, key)
+    except ArtifactError:
         return False
+    return True
 
 
 def build_all(model: nn.Module, keys: list[ArtifactKey], folder: Path, workers: int) -> dict[ArtifactKey, float]:
