@@ -50,8 +50,8 @@ class Settings(BaseSettings):
         description="on = two CPU model processes share LEVIT_THREADS threads: the first reads every batch and "
         "splits it with the second when that one is idle, each half on half the threads (no OpenMP barrier "
         "between the halves, so a decoding thread that preempts one does not stall the other); a lone image "
-        "runs on all of them. auto = on with 2-3 cores and LEVIT_INSTANCES unset (measured on 2 cores: +7% at "
-        "32 clients, the same at 1 and 8; docs/benchmarks.md)",
+        "runs on all of them. auto = on with 2-3 cores and LEVIT_INSTANCES unset (measured on 2 cores: +5-8% at "
+        "32 clients, 2-8% slower at 8, the same at 1; docs/benchmarks.md)",
     )
     thread_policy: ThreadPolicy = Field(
         "brief",
