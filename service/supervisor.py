@@ -18,6 +18,8 @@ SIGTERM: front-ends drain (readiness off, admitted work finishes), then model pr
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import logging
 import multiprocessing as mp
 import os
@@ -222,6 +224,10 @@ class Supervisor:
         self._grpc_holder.close()
 
 
+METRICS_PREFIX = "levit-metrics-"
+METRICS_LOCK = ".lock"  # held (flock) by the supervisor that owns the folder, for as long as it lives
+
+
 def prepare_metrics_dir() -> str:
     """prometheus-client's multiprocess mode: every process writes its samples to files here.
 
@@ -234,9 +240,50 @@ def prepare_metrics_dir() -> str:
             if entry.endswith(".db"):
                 os.unlink(os.path.join(directory, entry))
         return directory
-    directory = tempfile.mkdtemp(prefix="levit-metrics-")
+    remove_orphaned_metrics_dirs()
+    directory = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    _hold_lock(directory)
     os.environ[METRICS_ENV] = directory
     return directory
+
+
+_held: list[int] = []  # the lock's descriptor, kept open (and locked) until the process exits
+
+
+def _hold_lock(directory: str) -> None:
+    """Lock under another name, then rename: another supervisor's sweep never sees the lock file unlocked."""
+    staging = os.path.join(directory, METRICS_LOCK + ".new")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(staging, os.path.join(directory, METRICS_LOCK))
+    _held.append(fd)
+
+
+def remove_orphaned_metrics_dirs() -> list[str]:
+    """Delete the metrics folders of supervisors that died without cleaning up (`kill -9`, the OOM killer).
+
+    Why: a pod's `/tmp` (an emptyDir of 64 MiB) outlives container restarts, and each dead run left its
+    samples there. A folder is an orphan when nobody holds its lock: the kernel releases a `flock` when its
+    holder dies, however it dies, and in whatever PID namespace it ran. Folders without a lock (older
+    versions) are left alone. Returns the folders removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), METRICS_PREFIX + "*")):
+        try:
+            fd = os.open(os.path.join(path, METRICS_LOCK), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live supervisor's
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d metrics folder(s) left by supervisors that were killed", len(removed))
+    return removed
 
 
 def serve(settings: Settings) -> int:

@@ -273,6 +273,33 @@ def test_a_pair_splits_batches_and_keeps_serving_when_either_process_dies() -> N
     assert code == 0, err
 
 
+def test_a_killed_supervisors_metrics_folder_is_removed_by_the_next_start(tmp_path) -> None:
+    """`kill -9` leaves the supervisor's metrics folder in the temp dir (no cleanup runs); the next supervisor to
+    start there removes it, and never the folder of one still running."""
+    env = {"TMPDIR": str(tmp_path), "LEVIT_WORKERS": "1", "LEVIT_INSTANCES": "1"}
+
+    def folders() -> set[str]:
+        return {path.name for path in tmp_path.glob("levit-metrics-*")}
+
+    killed = Proc(**env)
+    (killed_folder,) = folders()
+    running = Proc(**env)
+    (running_folder,) = folders() - {killed_folder}
+    children = killed.pids()[1:]
+    killed.proc.kill()
+    killed.proc.wait()
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children))  # they die with it
+    assert folders() == {killed_folder, running_folder}  # nothing cleans up after a SIGKILL
+    third = Proc(**env)
+    try:
+        assert killed_folder not in folders() and running_folder in folders() and len(folders()) == 2
+        assert third.classify().status_code == 200 and running.classify().status_code == 200
+    finally:
+        codes = [server.finish()[0] for server in (third, running)]
+    assert codes == [0, 0]
+    assert folders() == set()  # a clean stop removes its own
+
+
 def test_start_up_failure_in_a_model_process_stops_the_server_with_one_line(tmp_path) -> None:
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
