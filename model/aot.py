@@ -236,6 +236,7 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
     if not err <= PROBE_RTOL:  # `not <=` also catches NaN
         raise ArtifactError(f"{folder}: output differs from the eager model (max rel err {err:.1e})")
+    runner.proof = (probe, got.clone())
     return runner
 
 
@@ -299,9 +300,78 @@ class Library:
 
     def __init__(self, path: Path) -> None:
         self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+        self.proof: tuple[torch.Tensor, torch.Tensor] | None = None  # (probe, output) as `load` checked it
+        self._shared: tuple[object, ...] = ()  # what this library's constants live in once it shares another's
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._runner.run([x])[0]
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """This library's constants by their original names: views of its own buffers, valid while it lives."""
+        return self._runner.extract_constants_map(False)
+
+    def share(self, owner: Library, theirs: dict[str, torch.Tensor]) -> int:
+        """Run on `owner`'s constants (`theirs`, from `owner.constants()`) wherever they are the same tensors as
+        this library's: same name, shape, strides, dtype and layout. The others (AOTInductor may fold a constant
+        to the batch size) are copied out of this library's buffers first. Proven on the probe `load` checked:
+        the output must not change in any bit, or the library goes back to its own. Returns the bytes now shared.
+        """
+        if self.proof is None:
+            return 0
+        runner = self._runner
+        mine = runner.extract_constants_map(False)
+        mapping, copied, saved = {}, [], 0
+        for name, fqn in runner.get_constant_names_to_original_fqns().items():
+            own, other = mine[fqn], theirs.get(fqn)
+            if other is not None and _same_layout(own, other):
+                mapping[name] = other
+                saved += own.numel() * own.element_size()
+            elif own.is_mkldnn:
+                return 0  # an opaque tensor cannot be copied out: keep this library as it is
+            else:
+                mapping[name] = own.clone()
+                copied.append(mapping[name])
+        del mine  # views of the buffer freed below
+        runner.update_constant_buffer(mapping, True, True, True)  # the inactive buffer, every name, not copied
+        runner.swap_constant_buffer()
+        probe, expected = self.proof
+        with torch.inference_mode():
+            same = torch.equal(self(probe), expected)
+        if not same:
+            runner.swap_constant_buffer()  # its own again; the rejected buffer holds none of its memory
+            log.warning("an engine bucket runs differently on another bucket's weights: it keeps its own copy")
+            return 0
+        runner.free_inactive_constant_buffer()
+        self._shared = (owner, theirs, copied)  # kept alive as long as this library
+        return saved
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if (a.shape, a.dtype, a.is_mkldnn) != (b.shape, b.dtype, b.is_mkldnn):
+        return False
+    return a.is_mkldnn or a.stride() == b.stride()
+
+
+def share_constants(runners: dict[int, Runner]) -> int:
+    """One copy of the weights per process instead of one per bucket; returns the bytes saved.
+
+    Why: each bucket's library carries the frozen weights and copies them into memory at load (31 MB apiece
+    for LeViT_128S, five buckets: about 150 MB per model process). AOTInductor lets a library run on tensors it
+    does not own (`update_constant_buffer(..., user_managed=True)` into its inactive buffer, swap, free the
+    old one), so every bucket runs on the smallest bucket's (docs/benchmarks.md: same outputs, same speed).
+    """
+    libraries = [runner for _, runner in sorted(runners.items()) if isinstance(runner, Library)]
+    if len(libraries) < 2:
+        return 0
+    owner, *others = libraries
+    theirs = owner.constants()
+    saved = 0
+    for library in others:
+        try:
+            saved += library.share(owner, theirs)
+        except RuntimeError as error:  # what AOTInductor raises when it refuses the map
+            log.warning("an engine bucket keeps its own copy of the weights: %s", error)
+    return saved
 
 
 def _sha256(path: Path) -> str:

@@ -135,6 +135,86 @@ def test_an_engine_on_artifacts_keeps_no_eager_copy(built: Engine) -> None:
     assert built.linears == "onednn" and built(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
 
 
+BUCKETS = (1, 2, 4, 8, 16)
+
+
+def _loaded(store: Path) -> dict[int, aot.Library]:
+    """Every bucket of the suite's artifact, loaded afresh: each library with its own copy of the weights."""
+    found = aot.find(onednn_linears(served_model()), torch.float32, "onednn", [store], BUCKETS)
+    assert found is not None and sorted(found[0]) == list(BUCKETS)
+    return found[0]  # type: ignore[return-value]
+
+
+def _inputs() -> dict[int, torch.Tensor]:
+    return {b: torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)) for b in BUCKETS}
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@torch.inference_mode()
+def test_buckets_run_on_one_copy_of_the_weights(store: Path) -> None:
+    """Each bucket's library copies the frozen weights into memory at load (31 MB apiece here). Shared, every
+    bucket runs on the smallest one's: the same outputs to the bit, and a change to those weights reaches all."""
+    x = _inputs()
+    own, shared = _loaded(store), _loaded(store)
+    per_bucket = _nbytes(shared[1].constants())
+    assert aot.share_constants(shared) == (len(BUCKETS) - 1) * per_bucket
+    for b in BUCKETS:
+        assert torch.equal(shared[b](x[b]), own[b](x[b])), b
+    for tensor in shared[1].constants().values():
+        if not tensor.is_mkldnn:
+            tensor.zero_()
+    for b in BUCKETS:
+        assert not torch.equal(shared[b](x[b]), own[b](x[b])), b  # every bucket reads the smallest one's
+
+
+@torch.inference_mode()
+def test_a_bucket_keeps_its_own_weights_where_they_differ_or_would_change_its_answers(
+    store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = _inputs()
+    libraries = _loaded(store)
+    owner, theirs = libraries[1], libraries[1].constants()
+    expected = {b: libraries[b](x[b]) for b in (4, 8)}
+    # a constant of another shape (AOTInductor folds some to the batch size with MKL linears): copied, not shared
+    name = next(k for k, t in theirs.items() if not t.is_mkldnn and t.numel() > 1)
+    saved = libraries[4].share(owner, {**theirs, name: torch.zeros(1)})
+    assert saved == _nbytes(theirs) - theirs[name].numel() * theirs[name].element_size()
+    assert torch.equal(libraries[4](x[4]), expected[4])
+    # the same shapes with other values: the probe's answer changes, so the bucket goes back to its own
+    wrong = {k: t if t.is_mkldnn else torch.zeros_like(t) for k, t in theirs.items()}
+    assert libraries[8].share(owner, wrong) == 0
+    assert "keeps its own copy" in caplog.text
+    assert torch.equal(libraries[8](x[8]), expected[8])
+
+
+def test_picking_linears_loads_one_bucket_of_the_slower_set(built: Engine, tmp_path: Path) -> None:
+    """With both sets of linears on disk, `auto` times one bucket of each. AOTInductor never unmaps a library,
+    so loading every bucket of both kept the slower set's libraries mapped for the process's life (155 MB)."""
+    for batch in (1, 2):
+        digest = built.artifact.keys[batch].digest
+        shutil.copytree(built.artifact.folder / digest, tmp_path / digest)
+    mkl = Engine(served_model(), "aot", 2, linears="mkl", artifact_dirs=[tmp_path])  # compiles two buckets
+    assert mkl.artifact is not None and mkl.artifact.origin == "built"
+    largest = {"onednn": built.artifact.keys[2].digest, "mkl": mkl.artifact.keys[2].digest}
+    script = (
+        "import json, sys; from pathlib import Path; from model.engine import Engine;"
+        "from tests.test_aot import served_model;"
+        "e = Engine(served_model(), 'aot', 2, linears='auto', artifact_dirs=[Path(sys.argv[1])]);"
+        "maps = open('/proc/self/maps').read().splitlines();"
+        "print(json.dumps([e.linears, sorted(e.linear_ms), [k.digest for k in e.artifact.keys.values()],"
+        " sorted({line.split()[-1].split('/')[-2] for line in maps if line.endswith('model.so')})]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    chosen, timed, digests, mapped = json.loads(out.stdout.splitlines()[-1])
+    assert timed == ["mkl", "onednn"] and chosen in timed
+    slower = "mkl" if chosen == "onednn" else "onednn"
+    assert sorted(mapped) == sorted([*digests, largest[slower]])  # the chosen set, and the one bucket timed
+
+
 def test_kernels_are_compiled_for_their_isa_not_for_the_build_machine(built: Engine) -> None:
     """Inductor's default -march=native let an `avx2` artifact built on an AVX-512 machine hold AVX-512
     instructions (SIGILL where they are missing): the baseline is fixed, the ISA's own flags add the rest."""
