@@ -8,7 +8,7 @@ IMAGE ?= levit-serve
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 ENGINE ?= docker
 
-.PHONY: install run test test-stress lint format proto bench bench-model bench-startup clean \
+.PHONY: install run test test-stress lint format proto bench bench-model bench-startup bench-memory clean \
 	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema \
 	v2-tools test-v2 test-v2-perf peers-tools bench-peers
 
@@ -63,6 +63,10 @@ bench-peers: $(STAMP) peers-tools
 # Time to ready per engine, cold (empty artifact and Inductor caches) and warm
 bench-startup: $(STAMP)
 	$(BIN)/python -m bench.startup
+
+# The server's memory after start-up (PSS of every process), default linears and oneDNN pinned
+bench-memory: $(STAMP)
+	$(BIN)/python -m bench.memory --configs "default;onednn:LEVIT_LINEARS=onednn" --repeat 2
 
 deploy-tools:
 	bash scripts/ci_deploy_tools.sh
