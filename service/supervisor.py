@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -74,7 +73,7 @@ class Supervisor:
         self.instance_cores, self.frontend_cores = t.core_sets(s.pin_cores)
         self.frontends = [_Child("front-end", i) for i in range(t.workers)]
         self.instances = [_Child("model", i) for i in range(t.instances)]
-        self._stop = threading.Event()
+        self._stopping = False  # a plain flag: set from the signal handler (see request_stop)
         self._status = 0
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -128,13 +127,13 @@ class Supervisor:
             self.ring.instance_state[child.index] = DOWN
             self.ring.instance_epoch[child.index] += 1  # front-ends fail what it had taken
             if not child.ready_once:
-                if not self._stop.is_set():  # the first failure speaks for all: one line
+                if not self._stopping:  # the first failure speaks for all: one line
                     reason = self.ring.instance_error(child.index) or f"model process exited with status {code}"
                     log.error("cannot start: %s", reason)
                     self._status = 1
-                    self._stop.set()
+                    self._stopping = True
                 return
-        if self._stop.is_set():
+        if self._stopping:
             return
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < 60] + [now]
@@ -147,7 +146,14 @@ class Supervisor:
     # --- main loop ---------------------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        self._stop.set()
+        """The SIGTERM/SIGINT handler: sets a flag the main loop reads at least every 50 ms, and nothing else.
+
+        Why not a `threading.Event`: Python runs a signal handler in the main thread between two bytecodes,
+        also between those of an earlier run of the same handler. `Event.set` takes a lock, so a second signal
+        arriving while the first handler held it blocked forever on that lock (found with two SIGTERMs a
+        microsecond apart: `timeout` forwarding one while `pkill` sent the other); the supervisor never stopped.
+        """
+        self._stopping = True
 
     def run(self) -> int:
         from service.batching.ring import READY
@@ -165,7 +171,7 @@ class Supervisor:
         for child in self._children():
             self._spawn(child)
         ready_logged = False
-        while not self._stop.is_set():
+        while not self._stopping:
             sentinels = {c.process.sentinel: c for c in self._children() if c.process is not None}
             for sentinel in wait(list(sentinels), timeout=0.05):
                 child = sentinels[sentinel]  # type: ignore[index]
@@ -181,9 +187,12 @@ class Supervisor:
                 ready_logged = True
             now = time.monotonic()
             for child in self._children():
-                if child.process is None and not self._stop.is_set() and now >= child.due:
+                if child.process is None and not self._stopping and now >= child.due:
                     self._spawn(child)
-        return self._shutdown()
+        status = self._shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal is moot, and Python restores the
+            signal.signal(sig, signal.SIG_IGN)  # default action at exit, which would turn exit 0 into death by it
+        return status
 
     def _shutdown(self) -> int:
         """Front-ends first (they drain), then the model processes they were waiting on."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -271,6 +273,28 @@ def test_a_pair_splits_batches_and_keeps_serving_when_either_process_dies() -> N
     finally:
         code, err = server.finish()
     assert code == 0, err
+
+
+def test_a_burst_of_stop_signals_still_stops_the_server_cleanly() -> None:
+    """Signals that arrive while the stop handler runs (`timeout` or an init forwarding one while an operator
+    sends another, a double Ctrl-C) must not wedge the supervisor: it drains and exits 0. Its handler once took
+    a lock that a second signal, run inside the first, waited on forever."""
+    server = Proc(LEVIT_WORKERS="1", LEVIT_INSTANCES="1", LEVIT_LOG_LEVEL="INFO")
+    try:
+        assert server.classify().status_code == 200
+        pid, end, sent = server.proc.pid, time.monotonic() + 3, 0
+        while time.monotonic() < end and server.proc.poll() is None:  # for 3 s, every 0-40 us
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT if sent % 2 else signal.SIGTERM)
+            sent += 1
+            pause = time.perf_counter() + random.random() * 4e-5
+            while time.perf_counter() < pause:
+                pass
+        assert server.proc.wait(timeout=120) == 0, server.logs()
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+    assert "stopped" in server.logs()
 
 
 def test_a_killed_supervisors_metrics_folder_is_removed_by_the_next_start(tmp_path) -> None:
