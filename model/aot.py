@@ -236,7 +236,7 @@ def load(folder: Path, key: ArtifactKey, reference: nn.Module) -> Callable[[torc
     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
     if not err <= PROBE_RTOL:  # `not <=` also catches NaN
         raise ArtifactError(f"{folder}: output differs from the eager model (max rel err {err:.1e})")
-    runner.proof = (probe, got.clone())
+    runner.proof = (key.batch, getattr(torch, key.dtype), got.clone())
     return runner
 
 
@@ -300,8 +300,8 @@ class Library:
 
     def __init__(self, path: Path) -> None:
         self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
-        self.proof: tuple[torch.Tensor, torch.Tensor] | None = None  # (probe, output) as `load` checked it
-        self._shared: tuple[object, ...] = ()  # what this library's constants live in once it shares another's
+        self.proof: tuple[int, torch.dtype, torch.Tensor] | None = None  # batch, dtype, output of `load`'s probe
+        self._owner: Library | None = None  # whose memory this library's shared constants live in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._runner.run([x])[0]
@@ -312,44 +312,59 @@ class Library:
 
     def share(self, owner: Library, theirs: dict[str, torch.Tensor]) -> int:
         """Run on `owner`'s constants (`theirs`, from `owner.constants()`) wherever they are the same tensors as
-        this library's: same name, shape, strides, dtype and layout. The others (AOTInductor may fold a constant
-        to the batch size) are copied out of this library's buffers first. Proven on the probe `load` checked:
-        the output must not change in any bit, or the library goes back to its own. Returns the bytes now shared.
+        this library's: same name, shape, strides, dtype and layout (for oneDNN's opaque tensors, the same
+        memory descriptor). The others (AOTInductor may fold a constant to the batch size, or block a weight for
+        it) are copied out of this library's buffers first. Proven on the probe `load` checked: the output must
+        not change in any bit, or the library goes back to its own. Returns the bytes now shared.
+
+        AOTInductor never frees tensors it was given this way: the copies live as long as the process, also
+        when the proof fails (then they are a few MB lost, once per start).
         """
         if self.proof is None:
             return 0
         runner = self._runner
         mine = runner.extract_constants_map(False)
-        mapping, copied, saved = {}, [], 0
-        for name, fqn in runner.get_constant_names_to_original_fqns().items():
+        names = runner.get_constant_names_to_original_fqns()
+        if len(set(names.values())) != len(names) or not set(names.values()) <= set(mine):
+            return 0  # constants without one name each (folded at run time): nothing to match them by
+        mapping, saved = {}, 0
+        for name, fqn in names.items():
             own, other = mine[fqn], theirs.get(fqn)
             if other is not None and _same_layout(own, other):
                 mapping[name] = other
                 saved += own.numel() * own.element_size()
-            elif own.is_mkldnn:
-                return 0  # an opaque tensor cannot be copied out: keep this library as it is
             else:
-                mapping[name] = own.clone()
-                copied.append(mapping[name])
-        del mine  # views of the buffer freed below
+                mapping[name] = own.clone()  # its own values, in memory of its own
+        own = other = None  # views of the buffer freed below, as are these:
+        del mine
         runner.update_constant_buffer(mapping, True, True, True)  # the inactive buffer, every name, not copied
         runner.swap_constant_buffer()
-        probe, expected = self.proof
-        with torch.inference_mode():
-            same = torch.equal(self(probe), expected)
+        batch, dtype, expected = self.proof
+        try:
+            with torch.inference_mode():
+                same = torch.equal(self(_probe(batch, dtype)), expected)
+        except BaseException:
+            runner.swap_constant_buffer()
+            raise
         if not same:
-            runner.swap_constant_buffer()  # its own again; the rejected buffer holds none of its memory
+            runner.swap_constant_buffer()  # its own again; the rejected map is never read
             log.warning("an engine bucket runs differently on another bucket's weights: it keeps its own copy")
             return 0
-        runner.free_inactive_constant_buffer()
-        self._shared = (owner, theirs, copied)  # kept alive as long as this library
+        runner.free_inactive_constant_buffer()  # its own copy: from here on, never swap back
+        self._owner = owner  # the shared constants point into the owner's memory
         return saved
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     if (a.shape, a.dtype, a.is_mkldnn) != (b.shape, b.dtype, b.is_mkldnn):
         return False
-    return a.is_mkldnn or a.stride() == b.stride()
+    if not a.is_mkldnn:
+        return a.stride() == b.stride()
+    try:  # oneDNN may block the same weight differently for another batch size (seen with MKL-linear sets)
+        describe = torch.ops.mkldnn._get_mkldnn_serialized_md
+        return bool(torch.equal(describe(a), describe(b)))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def share_constants(runners: dict[int, Runner]) -> int:
@@ -369,7 +384,7 @@ def share_constants(runners: dict[int, Runner]) -> int:
     for library in others:
         try:
             saved += library.share(owner, theirs)
-        except RuntimeError as error:  # what AOTInductor raises when it refuses the map
+        except Exception as error:  # RuntimeError where AOTInductor refuses the map; sharing is only an economy
             log.warning("an engine bucket keeps its own copy of the weights: %s", error)
     return saved
 

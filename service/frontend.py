@@ -32,11 +32,12 @@ class FrontendSpec:
 
 def main(spec: FrontendSpec) -> None:
     """Entry point of a spawned front-end; exits with `Server.run`'s status."""
-    from service import logs
+    from service import logs, metrics_folder
     from service.batching.launch import die_with_parent
     from service.threads import name_os_thread
 
     die_with_parent(signal.SIGTERM)  # the supervisor is gone: drain and exit
+    metrics_folder.hold()  # ... and keep the samples' folder from a new supervisor's sweep meanwhile
     if spec.cores:
         os.sched_setaffinity(0, spec.cores)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which orders the stop

@@ -18,26 +18,24 @@ SIGTERM: front-ends drain (readiness off, admitted work finishes), then model pr
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
+from service import metrics_folder
+from service.metrics_folder import METRICS_ENV
 from service.settings import Settings
 from service.threads import openmp_environment
 
 log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by restarts of the same process in the last minute
 STOP_GRACE_S = 10.0  # after the drain timeout, before a front-end is killed
-METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -233,72 +231,10 @@ class Supervisor:
         self._grpc_holder.close()
 
 
-METRICS_PREFIX = "levit-metrics-"
-METRICS_LOCK = ".lock"  # held (flock) by the supervisor that owns the folder, for as long as it lives
-
-
-def prepare_metrics_dir() -> str:
-    """prometheus-client's multiprocess mode: every process writes its samples to files here.
-
-    Must be set before any process imports prometheus_client, so the supervisor sets it first thing.
-    """
-    directory = os.environ.get(METRICS_ENV)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-        for entry in os.listdir(directory):  # samples of an earlier run would be added to ours
-            if entry.endswith(".db"):
-                os.unlink(os.path.join(directory, entry))
-        return directory
-    remove_orphaned_metrics_dirs()
-    directory = tempfile.mkdtemp(prefix=METRICS_PREFIX)
-    _hold_lock(directory)
-    os.environ[METRICS_ENV] = directory
-    return directory
-
-
-_held: list[int] = []  # the lock's descriptor, kept open (and locked) until the process exits
-
-
-def _hold_lock(directory: str) -> None:
-    """Lock under another name, then rename: another supervisor's sweep never sees the lock file unlocked."""
-    staging = os.path.join(directory, METRICS_LOCK + ".new")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.rename(staging, os.path.join(directory, METRICS_LOCK))
-    _held.append(fd)
-
-
-def remove_orphaned_metrics_dirs() -> list[str]:
-    """Delete the metrics folders of supervisors that died without cleaning up (`kill -9`, the OOM killer).
-
-    Why: a pod's `/tmp` (an emptyDir of 64 MiB) outlives container restarts, and each dead run left its
-    samples there. A folder is an orphan when nobody holds its lock: the kernel releases a `flock` when its
-    holder dies, however it dies, and in whatever PID namespace it ran. Folders without a lock (older
-    versions) are left alone. Returns the folders removed.
-    """
-    removed = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), METRICS_PREFIX + "*")):
-        try:
-            fd = os.open(os.path.join(path, METRICS_LOCK), os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live supervisor's
-        finally:
-            os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    if removed:
-        log.info("removed %d metrics folder(s) left by supervisors that were killed", len(removed))
-    return removed
-
-
 def serve(settings: Settings) -> int:
     """`python -m service` with LEVIT_INSTANCE_KIND=process."""
     owned = METRICS_ENV not in os.environ
-    directory = prepare_metrics_dir()
+    directory = metrics_folder.prepare()
     try:
         try:
             supervisor = Supervisor(settings)

@@ -305,21 +305,32 @@ def test_a_killed_supervisors_metrics_folder_is_removed_by_the_next_start(tmp_pa
     def folders() -> set[str]:
         return {path.name for path in tmp_path.glob("levit-metrics-*")}
 
-    killed = Proc(**env)
-    (killed_folder,) = folders()
-    running = Proc(**env)
-    (running_folder,) = folders() - {killed_folder}
-    children = killed.pids()[1:]
-    killed.proc.kill()
-    killed.proc.wait()
-    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children))  # they die with it
-    assert folders() == {killed_folder, running_folder}  # nothing cleans up after a SIGKILL
-    third = Proc(**env)
+    def alive(pid: int) -> bool:  # a zombie (an orphan nobody reaps yet) holds no lock
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    servers: list[Proc] = []
     try:
+        servers.append(killed := Proc(**env))
+        (killed_folder,) = folders()
+        servers.append(running := Proc(**env))
+        (running_folder,) = folders() - {killed_folder}
+        children = killed.pids()[1:]
+        killed.proc.kill()
+        killed.proc.wait()
+        wait_until(lambda: not any(alive(pid) for pid in children))  # they die (the front-end drains) with it
+        assert folders() == {killed_folder, running_folder}  # nothing cleans up after a SIGKILL
+        servers.append(third := Proc(**env))
         assert killed_folder not in folders() and running_folder in folders() and len(folders()) == 2
         assert third.classify().status_code == 200 and running.classify().status_code == 200
-    finally:
         codes = [server.finish()[0] for server in (third, running)]
+    finally:
+        for server in servers:
+            server.proc.kill()
+            server.proc.wait()
     assert codes == [0, 0]
     assert folders() == set()  # a clean stop removes its own
 
