@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from bench.procs import free_port, process_tree
+from bench.server import ServerProcess, parse_configs
 from bench.startup import cpu_model
-
-ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT_S = 900.0
 
 
 def pss_mb(pid: int) -> float:
@@ -45,41 +38,18 @@ def name_of(pid: int) -> str:
 
 def measure(env: dict[str, str], settle: float) -> tuple[float, dict[str, float]]:
     """Seconds to ready and PSS (MB) by process name for one start of the server."""
-    port = free_port()
-    full = {**os.environ, "LEVIT_WEIGHTS": "random", "LEVIT_HTTP_PORT": str(port), "LEVIT_GRPC_PORT": "0", **env}
-    start = time.monotonic()
-    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=full, stderr=subprocess.DEVNULL)
+    server = ServerProcess(env)
+    server.start()
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode} before it was ready")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - start > READY_TIMEOUT_S:
-                raise SystemExit("server not ready in time")
-            time.sleep(0.05)
-        ready = time.monotonic() - start
+        ready = server.wait_ready(poll=0.05)
         time.sleep(settle)
         sizes: dict[str, float] = {}
-        for pid in process_tree(server.pid):
+        for pid in server.pids():
             name = "supervisor" if pid == server.pid else name_of(pid)
             sizes[name] = sizes.get(name, 0.0) + pss_mb(pid)
         return ready, sizes
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-def parse_configs(text: str) -> list[tuple[str, dict[str, str]]]:
-    configs = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        name, _, assignments = part.partition(":")
-        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
-        configs.append((name, env))
-    return configs
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after ready before measuring")
     args = parser.parse_args(argv)
-    configs = parse_configs(args.configs)
+    configs = parse_configs(args.configs).items()
     print(f"{cpu_model()}, {os.cpu_count()} cores; PSS in MB, {args.settle:.0f} s after ready", flush=True)
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {name: [] for name, _ in configs}
     for _ in range(args.repeat):

@@ -126,7 +126,8 @@ class ServerProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S, poll: float = 0.5) -> float:
+        """Seconds from now to /readyz 200, asked every `poll` seconds."""
         assert self.proc is not None
         start = time.monotonic()
         url = f"http://127.0.0.1:{self.http_port}/readyz"
@@ -136,7 +137,7 @@ class ServerProcess:
             with contextlib.suppress(urllib.error.URLError, OSError), urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return time.monotonic() - start
-            time.sleep(0.5)
+            time.sleep(poll)
         raise SystemExit(f"server not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def metrics(self) -> dict[str, float]:
