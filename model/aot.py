@@ -320,23 +320,10 @@ class Library:
         AOTInductor never frees tensors it was given this way: the copies live as long as the process, also
         when the proof fails (then they are a few MB lost, once per start).
         """
-        if self.proof is None:
+        if self.proof is None or (plan := self._mapping(theirs)) is None:
             return 0
+        mapping, saved = plan
         runner = self._runner
-        mine = runner.extract_constants_map(False)
-        names = runner.get_constant_names_to_original_fqns()
-        if len(set(names.values())) != len(names) or not set(names.values()) <= set(mine):
-            return 0  # constants without one name each (folded at run time): nothing to match them by
-        mapping, saved = {}, 0
-        for name, fqn in names.items():
-            own, other = mine[fqn], theirs.get(fqn)
-            if other is not None and _same_layout(own, other):
-                mapping[name] = other
-                saved += own.numel() * own.element_size()
-            else:
-                mapping[name] = own.clone()  # its own values, in memory of its own
-        own = other = None  # views of the buffer freed below, as are these:
-        del mine
         runner.update_constant_buffer(mapping, True, True, True)  # the inactive buffer, every name, not copied
         runner.swap_constant_buffer()
         batch, dtype, expected = self.proof
@@ -353,6 +340,24 @@ class Library:
         runner.free_inactive_constant_buffer()  # its own copy: from here on, never swap back
         self._owner = owner  # the shared constants point into the owner's memory
         return saved
+
+    def _mapping(self, theirs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int] | None:
+        """Each of this library's constants (by internal name): `theirs` where the same tensor, else a copy of
+        its own; and the bytes shared. None where its constants have no one name each (folded at run time).
+        The views of its own buffer die with this call: `share` frees that buffer."""
+        mine = self.constants()
+        names = self._runner.get_constant_names_to_original_fqns()
+        if len(set(names.values())) != len(names) or not set(names.values()) <= set(mine):
+            return None
+        mapping, saved = {}, 0
+        for name, fqn in names.items():
+            own, other = mine[fqn], theirs.get(fqn)
+            if other is not None and _same_layout(own, other):
+                mapping[name] = other
+                saved += own.numel() * own.element_size()
+            else:
+                mapping[name] = own.clone()  # its own values, in memory of its own
+        return mapping, saved
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

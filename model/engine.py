@@ -183,7 +183,7 @@ class Engine:
                 choice, (runners, self.artifact) = found
                 if self.linear_ms:  # timed: the faster set, or the other where the faster is incomplete
                     log.info("linears: %s (compiled artifacts at batch %d, median ms: %s)", choice,
-                             self.padded_size(min(self.max_batch_size, 16)),
+                             self._linears_batch(),
                              ", ".join(f"{k} {v:.1f}" for k, v in self.linear_ms.items()))  # fmt: skip
             else:
                 choice, self.linear_ms = (names[0], {}) if len(names) == 1 else self._choose_linears("auto")
@@ -205,6 +205,10 @@ class Engine:
                      time.perf_counter() - start)  # fmt: skip
         return runners
 
+    def _linears_batch(self) -> int:
+        """The bucket the compiled sets of linears are timed at (the log names it)."""
+        return self.padded_size(min(self.max_batch_size, 16))
+
     def _faster_first(self, models: dict[str, nn.Module], names: list[str], dirs: list[Path]) -> list[str]:
         """`names` (sets of linears), the faster first where artifacts of several are on disk: one bucket of each
         (the batch the choice is made at) is loaded and timed.
@@ -214,7 +218,7 @@ class Engine:
         """
         from model import aot
 
-        batch = self.padded_size(min(self.max_batch_size, 16))
+        batch = self._linears_batch()
         hits = {n: hit for n in names if (hit := aot.find(models[n], self.dtype, n, dirs, (batch,), []))}
         if len(hits) < 2:
             return names
