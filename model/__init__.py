@@ -18,6 +18,7 @@ _HOMES = {
     "model.labels": ("ImageNetClass", "imagenet_classes"),
     "model.levit": ("LeViT", "build_levit"),
     "model.loader": ("WeightsInfo", "load_weights"),
+    "model.precision": ("cpu_dtype_problem",),
     "model.transforms": ("preprocess",),
     "model.weights": ("WeightsError", "fetch_official"),
 }

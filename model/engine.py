@@ -164,8 +164,12 @@ class Engine:
         """
         from model import aot
 
-        onednn = self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        names = [wanted] if wanted != "auto" else ["onednn", "mkl"] if onednn else ["mkl"]
+        if self.dtype != torch.float32:  # oneDNN or MKL is a float32 choice: Inductor packs other linears itself
+            names = ["default"]
+        elif wanted != "auto":
+            names = [wanted]
+        else:
+            names = ["onednn", "mkl"] if torch.backends.mkldnn.is_available() else ["mkl"]
         models = {name: self._with_linears(name) for name in names}
         rejected: list[str] = []
         if len(names) > 1:

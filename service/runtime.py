@@ -14,6 +14,7 @@ from model.engine import Engine
 from model.fuse import fuse
 from model.labels import imagenet_classes
 from model.loader import load_weights
+from model.precision import cpu_dtype_problem
 from service import metrics
 from service.results import Prediction
 from service.settings import Settings
@@ -39,8 +40,8 @@ class ModelRuntime:
         self.settings = settings
         self.device = resolve_device(settings.device)
         dtype = DTYPES[settings.dtype]
-        if self.device.type == "cpu" and dtype != torch.float32:
-            raise RuntimeError(f"LEVIT_DTYPE={settings.dtype} needs a GPU; use float32 on CPU")
+        if self.device.type == "cpu" and (problem := cpu_dtype_problem(dtype)):
+            raise RuntimeError(problem)
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.config = get_config(settings.model)

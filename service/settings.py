@@ -25,7 +25,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir, description="downloaded weights")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="compute dtype; float16/bfloat16 only on GPU"
+        "float32",
+        description="compute dtype. float16: GPU only. bfloat16: GPU, or a CPU with AMX (Intel Xeon 4th generation "
+        "and later; refused at start on other CPUs, where it measured slower than float32). On a 2-core AMX Xeon "
+        "1.8-1.9x float32's model throughput at batch 8-16 and 1.45x the server's on photos at 32 clients, logits "
+        "within 0.5% of float32's (docs/benchmarks.md)",
     )
     engine: Literal["auto", "aot", "compile", "trace", "eager"] = Field(
         "auto",
