@@ -61,6 +61,7 @@ from model.cost import count_macs
 from model.engine import Engine
 from model.engine import onednn_linears as engine_onednn_linears
 from model.fuse import FusedLeViT, fuse
+from model.precision import amx_usable
 from tests.helpers import random_levit
 
 FLOOR_BATCH = 16
@@ -157,6 +158,12 @@ def build_paths(train: nn.Module, cores: int, explore: bool) -> list[Path]:
     if cores > 1:
         paths.append(Path(f"{DEFAULT_ENGINE}, 1 thread", auto, 1, note=f"= {kind}"))
     paths.append(Path("fused, eager, bf16 autocast", autocast_bf16(fused), cores, approximate=True))
+    if amx_usable():  # LEVIT_DTYPE=bfloat16 is refused on CPUs without AMX (model/precision.py)
+        bf16 = Engine(fuse(train), "auto", 32, dtype=torch.bfloat16)
+        note = f"= {bf16.kind}, LEVIT_DTYPE=bfloat16"
+        paths.append(Path(f"{DEFAULT_ENGINE}, bfloat16 (AMX)", bf16, cores, approximate=True, note=note))
+        if cores > 1:
+            paths.append(Path(f"{DEFAULT_ENGINE}, bfloat16 (AMX), 1 thread", bf16, 1, approximate=True, note=note))
     if explore and can_compile():
         onednn = onednn_linears(fused)
         paths += [

@@ -189,7 +189,9 @@ class ServerProcess:
 class ModelOnly:
     """The server's engine (same variant, random weights, kind, max batch size, threads) in this process."""
 
-    def __init__(self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto") -> None:
+    def __init__(
+        self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto", dtype: str = "float32"
+    ) -> None:
         import torch
 
         from model.engine import Engine
@@ -202,7 +204,14 @@ class ModelOnly:
         torch.set_num_threads(threads)
         linears = linears if linears in ("onednn", "mkl") else "auto"
         dirs = Settings().engine_dirs  # the server's artifact folders: the same artifacts, not a rebuild
-        self.engine = Engine(fuse(random_model(model)), engine, max_batch_size, linears=linears, artifact_dirs=dirs)
+        self.engine = Engine(
+            fuse(random_model(model)),
+            engine,
+            max_batch_size,
+            dtype=getattr(torch, dtype),
+            linears=linears,
+            artifact_dirs=dirs,
+        )
         sizes = {1, max_batch_size, max(1, max_batch_size // 2)}
         self.batches = sorted(sizes)
         gen = torch.Generator().manual_seed(0)
@@ -569,10 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server {name} ({' '.join(f'{k}={v}' for k, v in configs[name].items()) or 'defaults'}): pid "
                   f"{server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)  # fmt: skip
             print(f"ready after {server.wait_ready():.1f}s; {server_topology(server)}", flush=True)
-        linears = model_info(next(iter(servers.values())))["linears"]  # the first server's measured choice
-        model = ModelOnly(args.model, args.engine or "auto", args.max_batch_size, threads, linears)
+        info = model_info(next(iter(servers.values())))  # the first server's dtype and measured choice of linears
+        model = ModelOnly(
+            args.model, args.engine or "auto", args.max_batch_size, threads, info["linears"], info["dtype"]
+        )
         print(
-            f"model-only engine: {model.engine.kind} ({model.engine.linears} linears), batch sizes {model.batches}",
+            f"model-only engine: {model.engine.kind} ({model.engine.linears} linears, {info['dtype']}), batch sizes "
+            f"{model.batches}",
             flush=True,
         )
         decode = {name: decode_ms(payloads, 0.5 if args.quick else 1.0) for name, payloads in sets.items()}
