@@ -368,6 +368,13 @@ def test_wrong_values_fail_at_install(tools, setting, message):
     assert message in proc.stderr, proc.stderr
 
 
+def test_bfloat16_renders_for_cpu_nodes(tools):
+    """bfloat16 runs on CPUs with AMX (the server refuses it at start elsewhere), so the chart lets it through."""
+    cmd = [tools.helm, "template", RELEASE, str(CHART), "--show-only", "templates/configmap.yaml"]
+    data = yaml.safe_load(run([*cmd, "--set", "config.LEVIT_DTYPE=bfloat16"]).stdout)["data"]
+    assert data["LEVIT_DTYPE"] == "bfloat16" and data["LEVIT_DEVICE"] == "cpu"
+
+
 def test_int_values_are_not_rendered_in_e_notation(tools, tmp_path):
     """Helm reads numbers in values files as float64; 20971520 must not become "2.097152e+07"."""
     values = tmp_path / "values.yaml"

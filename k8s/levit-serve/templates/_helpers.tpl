@@ -106,8 +106,8 @@ A value as an env string. Helm parses numbers in values files as float64, so 209
 {{- if and (hasPrefix "cuda" $device) (not .Values.gpu.enabled) }}
 {{- fail (printf "config.LEVIT_DEVICE=%s needs gpu.enabled=true (GPU resource limit + the GPU image)" $device) }}
 {{- end }}
-{{- if and (not .Values.gpu.enabled) (has (toString .Values.config.LEVIT_DTYPE) (list "float16" "bfloat16")) }}
-{{- fail (printf "config.LEVIT_DTYPE=%s is GPU-only; use float32 or set gpu.enabled=true" .Values.config.LEVIT_DTYPE) }}
+{{- if and (not .Values.gpu.enabled) (eq (toString .Values.config.LEVIT_DTYPE) "float16") }}
+{{- fail "config.LEVIT_DTYPE=float16 is GPU-only; use float32 (or bfloat16 on nodes whose CPUs have AMX), or set gpu.enabled=true" }}
 {{- end }}
 {{- if eq .Values.ports.http .Values.ports.grpc }}
 {{- fail "ports.http and ports.grpc must differ" }}
