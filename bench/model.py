@@ -9,7 +9,8 @@ kind=trace, MKL linears); `Engine` kind=eager (linears on oneDNN); TorchInductor
 and MKL linears (what `Engine` compiled before its linears moved to oneDNN); `Engine` kind=compile
 (the same Inductor code compiled in-process at start, the default's linears, timed at exact bucket
 sizes so nothing is padded); the default `Engine` (kind=auto = the AOTInductor artifacts of model/aot.py,
-one per bucket, built here into a temporary folder), also on one thread; and bf16 autocast.
+one per bucket, built here into a temporary folder), also on one thread; bf16 autocast; and, where oneDNN
+can use AMX, the default `Engine` in bfloat16 (`LEVIT_DTYPE=bfloat16`) on all threads and on one.
 A path is correct when its max relative error (max |out-ref| / max |ref|) against the training form
 is <= 1e-4; bf16 rows are approximate by design and say so.
 

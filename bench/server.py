@@ -187,7 +187,7 @@ class ServerProcess:
 
 
 class ModelOnly:
-    """The server's engine (same variant, random weights, kind, max batch size, threads) in this process."""
+    """The server's engine (same variant, random weights, kind, max batch size, threads, dtype) in this process."""
 
     def __init__(
         self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto", dtype: str = "float32"

@@ -102,6 +102,20 @@ def pick_linears(model: nn.Module, batch: int, trials: int = LINEAR_TRIALS) -> t
     return min(medians, key=medians.__getitem__), medians
 
 
+def linear_sets(dtype: torch.dtype, wanted: str) -> list[str]:
+    """The sets of linear layers compiled artifacts in `dtype` come in, in order of preference; `wanted` is
+    LEVIT_LINEARS or a comma-separated list (the builder's `--linears`).
+
+    oneDNN or MKL is float32's choice. Inductor packs a bfloat16 model's plain linears for oneDNN itself, so
+    other dtypes have one set, named `default`.
+    """
+    if dtype != torch.float32:
+        return ["default"]
+    if wanted == "auto":
+        return ["onednn", "mkl"] if torch.backends.mkldnn.is_available() else ["mkl"]
+    return wanted.split(",")
+
+
 def resolve_kind(kind: EngineKind, device: torch.device) -> EngineKind:
     """`auto`: the AOT artifact on CPU (found on disk, or built where a compiler exists; else trace), eager on GPU."""
     if kind != "auto":
@@ -164,12 +178,7 @@ class Engine:
         """
         from model import aot
 
-        if self.dtype != torch.float32:  # oneDNN or MKL is a float32 choice: Inductor packs other linears itself
-            names = ["default"]
-        elif wanted != "auto":
-            names = [wanted]
-        else:
-            names = ["onednn", "mkl"] if torch.backends.mkldnn.is_available() else ["mkl"]
+        names = linear_sets(self.dtype, wanted)
         models = {name: self._with_linears(name) for name in names}
         rejected: list[str] = []
         if len(names) > 1:

@@ -27,9 +27,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32",
         description="compute dtype. float16: GPU only. bfloat16: GPU, or a CPU with AMX (Intel Xeon 4th generation "
-        "and later; refused at start on other CPUs, where it measured slower than float32). On a 2-core AMX Xeon "
-        "1.8-1.9x float32's model throughput at batch 8-16 and 1.45x the server's on photos at 32 clients, logits "
-        "within 0.5% of float32's (docs/benchmarks.md)",
+        "and later; refused at start elsewhere: with oneDNN held below AMX it measured 1.5x slower than float32). "
+        "On a 2-core AMX Xeon 1.8-1.9x float32's model throughput at batch 8-16 and 1.44-1.50x the server's on "
+        "photos at 32 clients, logits within 0.5-0.7% of float32's largest (docs/benchmarks.md)",
     )
     engine: Literal["auto", "aot", "compile", "trace", "eager"] = Field(
         "auto",
