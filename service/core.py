@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
+import numpy as np
 
 from service import metrics
 from service.errors import BadRequest, Draining, NotReady, PayloadTooLarge, QueueFull
-from service.imaging import ImageError, load_image_pixels
+from service.imaging import ImageError, load_image_array
+from service.ranking import top_k
 from service.results import ImageResult
-from service.runtime import top_k
 from service.settings import Settings
 from service.threads import named_pool
 
@@ -71,7 +71,11 @@ class ModelBackend(Protocol):
 
     def uploading(self, delta: int) -> None: ...
 
-    async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]: ...
+    async def classify(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Probabilities `[1000]` float32 per image. An image is a `[224, 224, 3]` uint8 crop, or an already
+        normalised `[3, 224, 224]` float32 input (the v2 protocol's FP32 tensors): numpy, so that front-end
+        processes never import torch."""
+        ...
 
     async def drain(self, timeout: float) -> bool: ...
 
@@ -197,25 +201,25 @@ class Service:
             )
         return self.model
 
-    def _decode(self, upload: Upload) -> torch.Tensor:
+    def _decode(self, upload: Upload) -> np.ndarray:
         start = time.perf_counter()
-        tensor = load_image_pixels(
+        crop = load_image_array(
             upload.data,
             filename=upload.filename,
             max_pixels=self.settings.max_image_pixels,
             exact=self.settings.exact_resize,
         )
         metrics.PREPROCESS.observe(time.perf_counter() - start)
-        return tensor
+        return crop
 
-    async def preprocess(self, uploads: list[Upload]) -> list[torch.Tensor]:
+    async def preprocess(self, uploads: list[Upload]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(self._decoders, self._decode, u) for u in uploads)))
 
     async def probabilities(
-        self, images: list[Upload] | list[torch.Tensor], deadline: float, admission: Admission | None = None
-    ) -> list[torch.Tensor]:
-        """Softmax `[1000]` per image, in order: encoded uploads are decoded first; tensors go straight in.
+        self, images: list[Upload] | list[np.ndarray], deadline: float, admission: Admission | None = None
+    ) -> list[np.ndarray]:
+        """Softmax `[1000]` per image, in order: encoded uploads are decoded first; arrays go straight in.
         The request's `admission` gives its place back in the same step as its images are checked and counted."""
         if admission is not None:
             admission.release()
@@ -224,10 +228,10 @@ class Service:
         try:
             if isinstance(images[0], Upload):
                 with batcher.decoding(len(images)):
-                    tensors = await self.preprocess(images)
+                    arrays = await self.preprocess(images)
             else:
-                tensors = images
-            return await batcher.classify(tensors, deadline)
+                arrays = images
+            return await batcher.classify(arrays, deadline)
         finally:
             self._inflight -= 1
 

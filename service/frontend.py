@@ -45,10 +45,6 @@ def main(spec: FrontendSpec) -> None:
     logs.configure(settings.log_level, settings.log_format)
     name_os_thread(f"levit-front-{spec.index}")
 
-    import torch
-
-    torch.set_num_threads(1)  # no OpenMP team here: the cores belong to decoding and the model processes
-
     from service.batching.remote import RemoteModel
     from service.server import Server
 

@@ -12,11 +12,9 @@ from model.configs import IMAGE_SIZE, get_config
 from model.cost import count_macs, count_params
 from model.engine import Engine
 from model.fuse import fuse
-from model.labels import imagenet_classes
 from model.loader import load_weights
 from model.precision import cpu_dtype_problem
 from service import metrics
-from service.results import Prediction
 from service.settings import Settings
 from service.threads import spin_count
 
@@ -120,9 +118,3 @@ class ModelRuntime:
                 "request_timeout_ms": s.request_timeout_ms,
             },
         }
-
-
-def top_k(probs: torch.Tensor, k: int) -> list[Prediction]:
-    classes = imagenet_classes()
-    scores, indices = probs.topk(k)
-    return [Prediction(i, classes[i].label, classes[i].wnid, s) for i, s in zip(indices.tolist(), scores.tolist())]

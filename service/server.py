@@ -16,20 +16,23 @@ import logging
 import signal
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from model.checkpoint import CheckpointError
 from model.weights import WeightsError
-from service.batching.batcher import Hook
 from service.core import ModelBackend, Phase, Service
 from service.grpc.server import GrpcServer
 from service.rest.app import create_app
 from service.settings import Settings
 from service.sockets import bind
 
+if TYPE_CHECKING:  # the model thread's hook; front-end processes never import torch
+    from service.batching.batcher import Hook
+
 log = logging.getLogger(__name__)
-STARTUP_ERRORS = (WeightsError, CheckpointError, RuntimeError, OSError, ValueError)
+# model.checkpoint's CheckpointError is a ValueError (importing it would import torch into front-ends).
+STARTUP_ERRORS = (WeightsError, RuntimeError, OSError, ValueError)
 GRPC_GRACE_S = 1.0  # after the drain only health watchers and responses being written are left
 EXIT_DRAIN_TIMEOUT = 3  # stopped, but admitted work was cut off by LEVIT_DRAIN_TIMEOUT_S
 

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.batching.batcher import Batcher, Hook, model_thread
@@ -66,9 +67,10 @@ class LocalModel:
         finally:
             self._unqueued -= count
 
-    async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
+    async def classify(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         assert self.batcher is not None, "classify before start"
-        return await self.batcher.classify(tensors, deadline)
+        probs = await self.batcher.classify([torch.from_numpy(image) for image in images], deadline)
+        return [p.numpy() for p in probs]
 
     async def drain(self, timeout: float) -> bool:
         return self.batcher is None or await self.batcher.drain(timeout)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from service import metrics
 from service.batching.ring import (
@@ -45,7 +44,7 @@ POLL_S = 0.05  # how often the ring's header (instance deaths, readiness) is rea
 @dataclass(eq=False)
 class _Pending:
     gen: int
-    future: asyncio.Future[torch.Tensor]
+    future: asyncio.Future[np.ndarray]
 
 
 class RemoteModel:
@@ -152,14 +151,14 @@ class RemoteModel:
 
     # --- requests --------------------------------------------------------------------------------------------
 
-    async def classify(self, tensors: list[torch.Tensor], deadline: float) -> list[torch.Tensor]:
+    async def classify(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         if self._closing:
             raise Draining("server is shutting down; retry on another replica")
         queued = self.queued
-        if queued + len(tensors) > self.max_queue:
+        if queued + len(images) > self.max_queue:
             raise QueueFull(f"queue full ({queued} of {self.max_queue} images waiting); retry later")
-        u8 = [t for t in tensors if t.dtype == torch.uint8]
-        f32 = [t for t in tensors if t.dtype != torch.uint8]
+        u8 = [t for t in images if t.dtype == np.uint8]
+        f32 = [t for t in images if t.dtype != np.uint8]
         slots_u8 = self.ring.alloc(len(u8), False, self.frontend) if u8 else []
         slots_f32 = self.ring.alloc(len(f32), True, self.frontend) if f32 else []
         if slots_u8 is None or slots_f32 is None:
@@ -167,12 +166,12 @@ class RemoteModel:
             raise QueueFull("no free image slot (every slot is queued or computing); retry later")
         loop = asyncio.get_running_loop()
         it_u8, it_f32 = iter(slots_u8), iter(slots_f32)
-        slots = [next(it_u8) if t.dtype == torch.uint8 else next(it_f32) for t in tensors]
+        slots = [next(it_u8) if t.dtype == np.uint8 else next(it_f32) for t in images]
         enqueued = time.monotonic()
         records = []
         ring = self.ring
-        for slot, tensor in zip(slots, tensors):
-            ring.pixels(slot)[...] = tensor.numpy()
+        for slot, image in zip(slots, images):
+            ring.pixels(slot)[...] = image
             gen = int(ring.gen[slot])
             self._pending[slot] = _Pending(gen, loop.create_future())
             ring.state[slot] = QUEUED
@@ -220,7 +219,7 @@ class RemoteModel:
         ring = self.ring
         if entry is not None and not entry.future.done():
             if status == OK:
-                entry.future.set_result(torch.from_numpy(ring.probs[slot].copy()))
+                entry.future.set_result(ring.probs[slot].copy())
             elif status == FAILED:
                 entry.future.set_exception(ModelFailure(failure))
             elif status in (DROPPED_DEADLINE, DROPPED_CANCELLED):

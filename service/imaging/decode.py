@@ -15,14 +15,17 @@ from __future__ import annotations
 import re
 import struct
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from model.transforms import RESIZE_SHORT_SIDE, crop_pixels, preprocess
+from model.crop import RESIZE_SHORT_SIDE, crop_array
 from service.errors import ServiceError
 from service.imaging.truncation import load_complete
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})  # MPO: multi-picture JPEG
 # Pillow has no MPO opener: its JPEG plugin recognises multi-picture files and returns them as "MPO".
@@ -107,13 +110,22 @@ def decode_image(data: bytes, *, filename: str, max_pixels: int, exact: bool = F
         raise CorruptImage(filename, f"{name} is truncated or corrupt: {error}") from None
 
 
+def load_image_array(data: bytes, *, filename: str, max_pixels: int, exact: bool = False) -> np.ndarray:
+    """decode_image + model.crop.crop_array -> [224,224,3] uint8, what the server queues (no torch needed)."""
+    return crop_array(decode_image(data, filename=filename, max_pixels=max_pixels, exact=exact))
+
+
 def load_image_pixels(data: bytes, *, filename: str, max_pixels: int, exact: bool = False) -> torch.Tensor:
-    """decode_image + model.transforms.crop_pixels -> [224,224,3] uint8, what the server queues."""
-    return crop_pixels(decode_image(data, filename=filename, max_pixels=max_pixels, exact=exact))
+    """`load_image_array` as a tensor: [224,224,3] uint8 (imports torch: not for front-end processes)."""
+    import torch
+
+    return torch.from_numpy(load_image_array(data, filename=filename, max_pixels=max_pixels, exact=exact))
 
 
 def load_image_tensor(data: bytes, *, filename: str, max_pixels: int, exact: bool = False) -> torch.Tensor:
-    """decode_image + model.transforms.preprocess -> [3,224,224] float32, the model's input."""
+    """decode_image + model.transforms.preprocess -> [3,224,224] float32, the model's input (imports torch)."""
+    from model.transforms import preprocess
+
     return preprocess(decode_image(data, filename=filename, max_pixels=max_pixels, exact=exact))
 
 

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model.configs import IMAGE_SIZE
 from service.core import Admission, Service, Upload
 from service.errors import BadRequest, NotReady, ServiceError
 from service.logs import MAX_REQUEST_ID
-from service.runtime import top_k
+from service.ranking import top_k
 from service.settings import Settings
 
 SERVER_NAME = "levit-serve"
@@ -242,8 +241,8 @@ def check_count(tensor: InputTensor) -> None:
         raise ProtocolError(f"input '{tensor.name}' has {count} elements; its shape {tensor.shape} declares {expected}")
 
 
-def images(inputs: Sequence[InputTensor]) -> list[Upload] | list[torch.Tensor]:
-    """The request's images, for `Service.probabilities`: encoded uploads, or preprocessed [3,224,224] tensors."""
+def images(inputs: Sequence[InputTensor]) -> list[Upload] | list[np.ndarray]:
+    """The request's images, for `Service.probabilities`: encoded uploads, or preprocessed [3,224,224] arrays."""
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"an input is given more than once: {names}")
@@ -260,8 +259,8 @@ def images(inputs: Sequence[InputTensor]) -> list[Upload] | list[torch.Tensor]:
     assert isinstance(tensor.values, np.ndarray)
     if not np.isfinite(tensor.values).all():
         raise ProtocolError("input 'pixels' contains NaN or infinite values")
-    batch = torch.from_numpy(np.array(tensor.values, dtype=np.float32).reshape(tensor.shape))
-    return list(batch.unbind(0))
+    batch = np.array(tensor.values, dtype=np.float32).reshape(tensor.shape)
+    return list(batch)
 
 
 def outputs(requested: Sequence[OutputRequest], max_top_k: int) -> list[OutputRequest]:
@@ -304,19 +303,15 @@ def _score(value: float) -> str:
     return str(np.float32(value))  # the shortest text that reads back as the same float32
 
 
-def results(probabilities: list[torch.Tensor], requested: Sequence[OutputRequest]) -> list[OutputTensor]:
-    batch = torch.stack([p.detach().to("cpu", torch.float32) for p in probabilities]).numpy()
+def results(probabilities: list[np.ndarray], requested: Sequence[OutputRequest]) -> list[OutputTensor]:
+    batch = np.stack([np.asarray(p, dtype=np.float32) for p in probabilities])
     tensors = []
     for output in requested:
         k = output.classification
         if k is None:
             tensors.append(OutputTensor(output.name, "FP32", list(batch.shape), array=batch, binary=output.binary))
             continue
-        strings = [
-            f"{_score(p.score)}:{p.index}:{p.label}".encode()
-            for probs in probabilities
-            for p in top_k(probs.detach().to("cpu", torch.float32), k)
-        ]
+        strings = [f"{_score(p.score)}:{p.index}:{p.label}".encode() for probs in batch for p in top_k(probs, k)]
         tensors.append(
             OutputTensor(output.name, "BYTES", [len(probabilities), k], strings=strings, binary=output.binary)
         )
