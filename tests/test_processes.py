@@ -108,6 +108,36 @@ def test_processes_serve_both_protocols_with_totals_in_one_metrics() -> None:
     assert code == 0, err
 
 
+def test_front_ends_decode_rank_and_answer_without_torch() -> None:
+    """Front-ends handle crops, raw inputs and probabilities in numpy: torch (about 150 MB of memory and most of
+    a second to import per process) stays in the model processes. Every protocol's path runs first."""
+    server = Proc()
+    try:
+        assert server.classify().status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            reply = pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(filename="cat.jpg", data=CAT)], top_k=3), timeout=60
+            )
+        assert len(reply.results[0].predictions) == 3
+        pixels = {"name": "pixels", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": [0.5] * (3 * 224 * 224)}
+        wanted = [{"name": "probabilities", "parameters": {"classification": 2}}]
+        v2 = httpx.post(server.url + "/v2/models/levit/infer", json={"inputs": [pixels], "outputs": wanted}, timeout=60)
+        assert v2.status_code == 200, v2.text
+        assert len(v2.json()["outputs"][0]["data"]) == 2
+        names = server.children()
+
+        def maps(name: str) -> str:
+            with open(f"/proc/{names[name]}/maps") as f:
+                return f.read()
+
+        assert "libtorch_cpu" in maps("levit-model-0")  # the check sees torch where it is loaded
+        fronts = [name for name in names if name.startswith("levit-front")]
+        assert fronts and not [name for name in fronts if "libtorch" in maps(name)]
+    finally:
+        code, err = server.finish()
+    assert code == 0, err
+
+
 def test_sleep_policy_times_threads_per_bucket_with_sleeping_openmp_threads() -> None:
     """LEVIT_THREAD_POLICY=sleep: the model process runs with OMP_WAIT_POLICY=PASSIVE and reports, per batch
     size it compiled or warmed, the thread count (1 or LEVIT_THREADS) that was faster when timed at start."""
