@@ -49,8 +49,8 @@ def resize_and_crop(image: Image.Image) -> Image.Image:
 def crop_array(image: Image.Image) -> np.ndarray:
     """The resized centre crop of an RGB image as `[224, 224, 3]` uint8 (HWC, as Pillow stores it).
 
-    Servers normalise these in the model process, a whole batch at a time: 4x smaller in the queue, and
-    one vectorised pass per batch instead of a float conversion per image in a decode thread.
+    Servers normalise these where the model runs (its process or thread), a whole batch at a time: 4x smaller
+    in the queue, and one vectorised pass per batch instead of a float conversion per image in a decode thread.
     """
     if image.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {image.mode!r}")

@@ -14,8 +14,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
 _OFFSET = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
 __all__ = [
-    "RESIZE_SHORT_SIDE", "batch_input", "center_crop_box", "crop_pixels", "normalize", "preprocess",
-    "resize_and_crop", "resized_size",
+    "IMAGENET_MEAN", "IMAGENET_STD", "RESIZE_SHORT_SIDE", "batch_input", "center_crop_box", "crop_array",
+    "crop_pixels", "normalize", "preprocess", "resize_and_crop", "resized_size",
 ]  # fmt: skip
 
 

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.supervisor import serve as supervise
 
         return supervise(settings)
-    from service.server import Server  # heavy imports (torch) after the settings check
+    from service.server import Server  # after the settings check (its model thread imports torch)
 
     async def serve() -> int:
         return await Server(settings).run()

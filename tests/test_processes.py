@@ -22,6 +22,8 @@ import httpx
 import pytest
 
 from bench.loadgen import Payload, multipart_request
+from service.grpc.gen.inference import grpc_service_pb2 as ipb
+from service.grpc.gen.inference import grpc_service_pb2_grpc as ipb_grpc
 from service.grpc.gen.levit.v1 import classifier_pb2 as pb
 from service.grpc.gen.levit.v1 import classifier_pb2_grpc as pb_grpc
 from tests.conftest import photo, wait_until
@@ -124,7 +126,14 @@ def test_front_ends_decode_rank_and_answer_without_torch() -> None:
         v2 = httpx.post(server.url + "/v2/models/levit/infer", json={"inputs": [pixels], "outputs": wanted}, timeout=60)
         assert v2.status_code == 200, v2.text
         assert len(v2.json()["outputs"][0]["data"]) == 2
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:  # v2 over gRPC: its own module
+            request = ipb.ModelInferRequest(model_name="levit")
+            request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(CAT)
+            request.outputs.add(name="probabilities")
+            infer = ipb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        assert len(infer.raw_output_contents[0]) == 4 * 1000  # FP32 probabilities
         names = server.children()
+        workers = httpx.get(server.url + "/v1/model").json()["instances"]["workers"]
 
         def maps(name: str) -> str:
             with open(f"/proc/{names[name]}/maps") as f:
@@ -132,7 +141,8 @@ def test_front_ends_decode_rank_and_answer_without_torch() -> None:
 
         assert "libtorch_cpu" in maps("levit-model-0")  # the check sees torch where it is loaded
         fronts = [name for name in names if name.startswith("levit-front")]
-        assert fronts and not [name for name in fronts if "libtorch" in maps(name)]
+        assert len(fronts) == workers  # every front-end named (and so found), none skipped
+        assert not [name for name in fronts if "libtorch" in maps(name)]
     finally:
         code, err = server.finish()
     assert code == 0, err

@@ -165,7 +165,7 @@ class Batcher:
         if self._before_forward is not None:
             self._before_forward(len(tensors))
         start = time.perf_counter()
-        probs = self._run_batch(batch_input(tensors)).softmax(dim=-1)
+        probs = self._run_batch(batch_input(tensors)).softmax(dim=-1).cpu()  # off a GPU in the model thread
         metrics.MODEL_FORWARD.observe(time.perf_counter() - start)
         return probs
 

@@ -191,7 +191,7 @@ class Instance:
             else:
                 batch = batch_input([torch.from_numpy(ring.pixels(s).copy()) for s in slots])
             probs = self.engine(batch).softmax(dim=-1)
-            ring.probs[np.asarray(slots)] = probs.numpy()
+            ring.probs[np.asarray(slots)] = probs.cpu().numpy()  # off a GPU here, not in the front-end
             metrics.MODEL_FORWARD.observe(time.perf_counter() - start)
             metrics.BATCH_SIZE.observe(len(slots))
             metrics.IMAGES_CLASSIFIED.inc(len(slots))

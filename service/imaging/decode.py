@@ -158,7 +158,7 @@ def _check_size(image: Image.Image, filename: str, max_pixels: int) -> None:
 def _draft_for_model(image: Image.Image) -> None:
     """Let libjpeg downscale in the DCT (1/2, 1/4, 1/8) while the short side stays >= the 256 resize.
 
-    Only worth it from twice the target up; the bicubic resize in model.transforms finishes the job.
+    Only worth it from twice the target up; the bicubic resize in model.crop finishes the job.
     Pillow picks the largest scale whose result still covers the requested size on both axes, and
     `draft` is a no-op for every format but JPEG and MPO.
     """
