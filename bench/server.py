@@ -190,7 +190,14 @@ class ModelOnly:
     """The server's engine (same variant, random weights, kind, max batch size, threads, dtype) in this process."""
 
     def __init__(
-        self, model: str, engine: str, max_batch_size: int, threads: int, linears: str = "auto", dtype: str = "float32"
+        self,
+        model: str,
+        engine: str,
+        max_batch_size: int,
+        threads: int,
+        linears: str = "auto",
+        dtype: str = "float32",
+        device: str = "cpu",
     ) -> None:
         import torch
 
@@ -208,6 +215,7 @@ class ModelOnly:
             fuse(random_model(model)),
             engine,
             max_batch_size,
+            device=device,
             dtype=getattr(torch, dtype),
             linears=linears,
             artifact_dirs=dirs,
@@ -237,7 +245,9 @@ class ModelOnly:
                 best: tuple[float, list[float]] | None = None
                 for _ in range(1 + RETRIES):
                     with Foreign() as foreign:
-                        times = time_block(lambda x=x: self.engine(x), min_time)
+                        times = time_block(
+                            lambda x=x: self.engine(x).cpu(), min_time
+                        )  # .cpu(): a GPU's async work ends
                     if best is None or foreign.cores < best[0]:
                         best = (foreign.cores, times)
                     if foreign.cores <= NOISY_CORES:
@@ -259,7 +269,7 @@ def serial_pipeline(model: ModelOnly, payloads: list[Payload], batch: int, min_t
     torch.set_num_threads(model.threads)
     with torch.inference_mode():  # one untimed pass: the first decode and batch pay one-off costs
         crops = [load_image_pixels(p.data, filename=p.filename, max_pixels=50_000_000) for p in payloads]
-        model.engine(batch_input((crops * batch)[:batch])).softmax(dim=-1)
+        model.engine(batch_input((crops * batch)[:batch])).softmax(dim=-1).cpu()
     wait_quiet(timeout=QUIET_TIMEOUT_S)
     images, start, index = 0, time.perf_counter(), 0
     with torch.inference_mode():
@@ -269,7 +279,7 @@ def serial_pipeline(model: ModelOnly, payloads: list[Payload], batch: int, min_t
                 p = payloads[index % len(payloads)]
                 crops.append(load_image_pixels(p.data, filename=p.filename, max_pixels=50_000_000))
                 index += 1
-            model.engine(batch_input(crops)).softmax(dim=-1)
+            model.engine(batch_input(crops)).softmax(dim=-1).cpu()  # as the server hands probabilities back
             images += batch
             elapsed = time.perf_counter() - start
             if elapsed >= min_time and images >= 4 * batch:
@@ -580,8 +590,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ready after {server.wait_ready():.1f}s; {server_topology(server)}", flush=True)
         info = model_info(next(iter(servers.values())))  # the first server's dtype and measured choice of linears
         model = ModelOnly(
-            args.model, args.engine or "auto", args.max_batch_size, threads, info["linears"], info["dtype"]
-        )
+            args.model,
+            args.engine or "auto",
+            args.max_batch_size,
+            threads,
+            info["linears"],
+            info["dtype"],
+            info["device"],
+        )  # the server's device too: on a GPU host the server is on the GPU
         print(
             f"model-only engine: {model.engine.kind} ({model.engine.linears} linears, {info['dtype']}), batch sizes "
             f"{model.batches}",

@@ -277,6 +277,8 @@ class Engine:
         sizes = self.buckets or sorted({1, self.max_batch_size})
         for size in sizes:
             self(self._example(size))
+        if self.device.type == "cuda":  # kernels run asynchronously: a fault shows here, not in the first request
+            torch.cuda.synchronize(self.device)
 
     def tune_threads(self, threads: int, trials: int = LINEAR_TRIALS) -> dict[int, int]:
         """Per bucket, the faster of 1 and `threads` intra-op threads on this CPU, timed now; used from then on.

@@ -47,7 +47,13 @@ class Settings(BaseSettings):
         "thread = one process, the model in a thread of it (tests, debugging)",
     )
     workers: int = Field(0, ge=0, le=256, description="front-end processes (HTTP + gRPC + decoding); 0 = from cores")
-    instances: int = Field(0, ge=0, le=256, description="model processes; 0 = from cores (CPU) or 1 per GPU")
+    instances: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="model processes; 0 = from cores (CPU) or 1 (GPU: every model process runs on LEVIT_DEVICE, "
+        "one process per GPU is not built yet)",
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads per model instance; 0 = from cores")
     split_batches: Literal["auto", "on", "off"] = Field(
         "auto",
