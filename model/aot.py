@@ -606,9 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16, help="LEVIT_MAX_BATCH_SIZE: sets the buckets")
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
-    unknown = set(dtypes) - {"float32", "bfloat16"}
+    unknown = set(dtypes) - set(PROBE_RTOL)  # the dtypes artifacts are compiled and proven in
     if unknown:
-        parser.error(f"--dtypes: {', '.join(sorted(unknown))} (choose from float32, bfloat16)")
+        parser.error(f"--dtypes: {', '.join(sorted(unknown))} (choose from {', '.join(PROBE_RTOL)})")
     if "bfloat16" in dtypes and (problem := cpu_dtype_problem(torch.bfloat16)):
         # Inductor packs bfloat16 weights for the building CPU's oneDNN: unmeasured on an AMX CPU when built
         # elsewhere, so the builder follows the server's rule.

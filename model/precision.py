@@ -51,11 +51,10 @@ def cpu_dtype_problem(dtype: torch.dtype) -> str | None:
         if amx_usable():
             return None
         cap = _onednn_cap()
-        why = (
-            f"oneDNN is held below AMX by {cap[0]}={cap[1]}"
-            if cap and torch.cpu._is_amx_tile_supported()
-            else ("it cannot use any (no AMX tiles, or the kernel does not grant them)")
-        )
+        if cap and torch.cpu._is_amx_tile_supported():
+            why = f"oneDNN is held below AMX by {cap[0]}={cap[1]}"
+        else:
+            why = "it cannot use any (no AMX tiles, or the kernel does not grant them)"
         return (
             f"LEVIT_DTYPE={name} on CPU needs AMX (Intel Xeon 4th generation or later) and {why}: without AMX, "
             "bfloat16 measured 1.5x slower than float32; use float32, or a GPU"

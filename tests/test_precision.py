@@ -107,14 +107,14 @@ def test_bfloat16_artifacts_built_ahead_are_found_proven_and_close_to_float32(bf
     """What the builder wrote, a bfloat16 engine finds (not rebuilds): keyed by dtype, proven against the eager
     bfloat16 model at load, within bfloat16's rounding of float32."""
     _, store = bf16_store
-    fused = fuse(random_levit())
+    fused, crops = fuse(random_levit()), _crops()
     with torch.inference_mode():
-        reference = fused(_crops())
+        reference = fused(crops)
     engine = Engine(fused, "aot", 1, dtype=torch.bfloat16, artifact_dirs=[store])
     assert engine.artifact is not None and engine.artifact.origin == "cache"
     assert engine.kind == "aot" and engine.linears == "default"
     assert {k.dtype for k in engine.artifact.keys.values()} == {"bfloat16"}
-    got = torch.cat([engine(image[None]) for image in _crops()])
+    got = torch.cat([engine(image[None]) for image in crops])
     assert got.dtype == torch.float32
     rel = ((got - reference).abs().max() / reference.abs().max()).item()
     assert 0 < rel < RTOL  # not float32 (0 would mean the dtype never reached the engine), not garbage
