@@ -17,6 +17,11 @@ and >= 75% of the model-only best-batch throughput; at concurrency 1 the median 
 batch-1 latency + 3 ms. `--configs` runs several server configurations side by side (floors: the first).
 Each floor is evaluated per round (model-only and load measured minutes apart on a shared machine)
 and the median over rounds is reported. With gRPC stubs present, gRPC rows are compared with HTTP.
+
+`--instance-grid 1x16,2x8,4x4,8x2` (or `auto`: every power-of-two split of the cores; the default on 8 or more
+cores, which also add 128 clients) also measures, in each round, the model alone as N processes x T threads
+(bench.instances) and judges issue 11's many-core floor: photos at the highest concurrency >= 70% of the best
+of those, over HTTP and over each gRPC protocol.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.instances import EngineSpec, Shape, best, default_grid, describe, measure_grid, parse_grid
 from bench.loadgen import DRIVERS, LevelResult, Payload, grpc_available, run_level
 from bench.procs import cpu_of, die_with_parent, free_port, process_tree, tree_cpu_seconds
 from bench.timing import Foreign, all_cores, load_average, median, own_cpu_seconds, wait_quiet
@@ -50,6 +56,9 @@ BIG_SIZE = (4000, 3000)
 THROUGHPUT_FLOOR = 0.75  # of the model-only best-batch images/s, at the highest concurrency
 SERIAL_FLOOR = 1.1  # x the in-process serial pipeline's images/s, HTTP photos at the highest concurrency
 LATENCY_SLACK_MS = 3.0  # over the model's batch-1 latency, median at concurrency 1
+GRID_FLOOR = 0.70  # of the best model-only processes x threads images/s, photos at the highest concurrency
+GRID_SECONDS = 4.0  # measured seconds per processes x threads shape
+MANY_CORES = 8  # from here on, `make bench` also measures the processes x threads grid and 128 clients
 READY_TIMEOUT_S = 1800.0
 NOISY_CORES = 0.3  # a level during which other processes used more CPU than this is run again
 RETRIES = 2
@@ -349,6 +358,7 @@ class Round:
     model: dict[int, float]  # batch -> mean seconds per call
     model_median: dict[int, float]  # batch -> median seconds per call
     serial: float = float("nan")  # images/s of the in-process serial pipeline on the photos
+    grid: dict[str, float] = field(default_factory=dict)  # "NxT" -> model-only images/s (--instance-grid)
     levels: list[LevelResult] = field(default_factory=list)
     server: dict[tuple[str, str, int], ServerStats] = field(default_factory=dict)
 
@@ -509,6 +519,7 @@ def floors(rounds: list[Round], protocols: list[str], concurrency: list[int]) ->
             f"{'PASS' if passed else 'FAIL'}: HTTP photos at c=1 p50 is model batch-1 latency + {slack:.1f} ms "
             f"(floor + {LATENCY_SLACK_MS:.0f} ms; per round {', '.join(f'{s:+.1f}' for s in slacks)})"
         )
+    ok &= grid_floor(rounds, protocols, top)
     http = median([x.images_per_s for r in rounds if (x := r.level("http", "photos", top))] or [0.0])
     for protocol in protocols:
         if protocol == "http":
@@ -519,6 +530,40 @@ def floors(rounds: list[Round], protocols: list[str], concurrency: list[int]) ->
     return ok
 
 
+def grid_floor(rounds: list[Round], protocols: list[str], top: int) -> bool:
+    """Issue 11's many-core floor: photos at concurrency `top` >= GRID_FLOOR x the best processes x threads
+    model-only figure of the same round, for every protocol measured."""
+    ok = True
+    for protocol in protocols:
+        shares = [
+            (x.images_per_s / best(r.grid)[1], best(r.grid)[0])
+            for r in rounds
+            if r.grid and (x := r.level(protocol, "photos", top)) is not None
+        ]
+        if not shares:
+            continue
+        share = median([s for s, _ in shares])
+        passed = share >= GRID_FLOOR
+        ok &= passed
+        print(
+            f"{'PASS' if passed else 'FAIL'}: {protocol} photos at c={top} delivers {100 * share:.0f}% of the best "
+            f"model-only processes x threads (floor {100 * GRID_FLOOR:.0f}%; per round "
+            + ", ".join(f"{100 * s:.0f}% of {shape}" for s, shape in shares)
+            + ")"
+        )
+    return ok
+
+
+def grid_shapes(text: str | None, info: dict) -> list[Shape]:
+    """`--instance-grid` as shapes; none for a server on a GPU (the grid is the CPU's ceiling)."""
+    if not text or text == "none":
+        return []
+    if info.get("device", "cpu") != "cpu":
+        print(f"--instance-grid ignored: the server runs on {info['device']}, the grid measures CPU processes")
+        return []
+    return default_grid(all_cores()) if text == "auto" else parse_grid(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="LeViT_128S")
@@ -526,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="LEVIT_THREADS (0 = all cores)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="LEVIT_MAX_BATCH_SIZE")
     parser.add_argument("--protocols", default=None, help="comma-separated; default http plus gRPC if available")
-    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--concurrency", default=None, help=f"default 1,8,32, and 128 on {MANY_CORES}+ cores")
     parser.add_argument("--payloads", default="photos,12MP", help="photos and/or 12MP")
     parser.add_argument("--rounds", type=int, default=None, help="default 2 (quick: 1)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per level (default 6)")
@@ -544,12 +589,20 @@ def main(argv: list[str] | None = None) -> int:
         "--switch-interval", type=float, default=None, help="run the server with sys.setswitchinterval(S)"
     )
     parser.add_argument("--prelude", default="", help="Python code the server process runs before starting")
+    parser.add_argument(
+        "--instance-grid",
+        default=None,
+        help="model-only processes x threads shapes measured each round, e.g. 1x16,2x8,4x4, auto (see above) or "
+        f"none; default auto on {MANY_CORES}+ cores, else none",
+    )
     parser.add_argument("--py-spy", type=Path, default=None, help="write a py-spy profile of the c=32 HTTP level")
     parser.add_argument("--py-spy-args", default="", help="extra py-spy record flags, e.g. '--gil' or '--idle'")
     args = parser.parse_args(argv)
     rounds_n = args.rounds or (1 if args.quick else 2)
     seconds = args.seconds or (3.0 if args.quick else 6.0)
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    many = all_cores() >= MANY_CORES
+    concurrency = [int(c) for c in (args.concurrency or ("1,8,32,128" if many else "1,8,32")).split(",")]
+    args.instance_grid = args.instance_grid or ("auto" if many else "none")
     protocols = args.protocols.split(",") if args.protocols else ["http"]
     if args.protocols is None and grpc_available():
         protocols += ["grpc-unary", "grpc-stream"]
@@ -603,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{model.batches}",
             flush=True,
         )
+        shapes = grid_shapes(args.instance_grid, info)
+        spec = EngineSpec(args.model, args.engine or "auto", args.max_batch_size, info["linears"], info["dtype"])
         decode = {name: decode_ms(payloads, 0.5 if args.quick else 1.0) for name, payloads in sets.items()}
         print("decode + preprocess, 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in decode.items()), flush=True)
         record = py_spy_recorder(args.py_spy, server.pid, seconds + args.warmup, args.py_spy_args.split())
@@ -622,8 +677,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{serial:.1f} img/s; load average {load_average()}",
                 flush=True,
             )
+            grid = measure_grid(shapes, spec, probe.best_batch, GRID_SECONDS) if shapes else {}
+            if grid:
+                print(f"  model only, processes x threads at b={probe.best_batch}: {describe(grid)}", flush=True)
             for name, server in servers.items():
-                round_ = Round(means, medians, serial)
+                round_ = Round(means, medians, serial, grid)
                 print(f" server {name}:", flush=True)
                 runner.run(drive(server, sets, protocols, concurrency, args.warmup, seconds, round_, record))
                 rounds_by[name].append(round_)

@@ -1,0 +1,167 @@
+"""Model-only throughput of N processes x T threads: the ceiling a CPU server's model instances can reach.
+
+    python -m bench.instances [--grid 1x16,2x8,4x4,8x2] [--batch 16] [--seconds 4] [--model LeViT_128S]
+
+Issue 11's many-core floor compares the server with the *best* such configuration measured in the same run:
+LeViT is too small for a wide OpenMP team (on 16 cores, 4 processes x 4 threads ran it 1.8x faster than one
+process of 16), so "model only" on a big machine means several processes, and which split is best depends on
+the CPU. Each process loads the server's engine (the same artifacts, found in the server's artifact folders,
+with the linears the server picked), runs one batch size back to back, and is pinned to its own T cores
+where the grid fits the machine (a ceiling: nothing else competes for them). All start together after a
+barrier and run the same window; the figure is the sum of their images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+
+from bench.timing import all_cores
+
+START_TIMEOUT_S = 600.0  # every process loads (or, on a cold cache, builds) the engine before the barrier
+
+
+@dataclass(frozen=True)
+class Shape:
+    """N model processes of T intra-op threads each (Triton's instance group on CPU)."""
+
+    processes: int
+    threads: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        n, _, t = text.lower().partition("x")
+        shape = cls(int(n), int(t))
+        if shape.processes < 1 or shape.threads < 1:
+            raise ValueError(f"instances x threads must both be >= 1, got {text!r}")
+        return shape
+
+    def __str__(self) -> str:
+        return f"{self.processes}x{self.threads}"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What each process builds: the server's engine, as `bench.server.ModelOnly` does in-process."""
+
+    model: str = "LeViT_128S"
+    engine: str = "auto"
+    max_batch_size: int = 16
+    linears: str = "auto"
+    dtype: str = "float32"
+
+
+def parse_grid(text: str) -> list[Shape]:
+    return [Shape.parse(item) for item in text.split(",") if item.strip()]
+
+
+def default_grid(cores: int) -> list[Shape]:
+    """Every power-of-two split of the machine's cores (1 x cores ... cores x 1)."""
+    shapes, threads = [], cores
+    while threads >= 1:
+        shapes.append(Shape(cores // threads, threads))
+        threads //= 2
+    return shapes
+
+
+def _worker(spec: EngineSpec, threads: int, cores: tuple[int, ...] | None, batch: int, seconds: float,
+            barrier: mp.synchronize.Barrier, results: mp.queues.Queue) -> None:  # fmt: skip
+    if cores:
+        os.sched_setaffinity(0, cores)
+    import torch
+
+    from model.engine import Engine
+    from model.fuse import fuse
+    from model.loader import random_model
+    from service.settings import Settings
+
+    torch.set_num_threads(threads)
+    linears = spec.linears if spec.linears in ("onednn", "mkl") else "auto"
+    engine = Engine(
+        fuse(random_model(spec.model)),
+        spec.engine,
+        spec.max_batch_size,
+        dtype=getattr(torch, spec.dtype),
+        linears=linears,
+        artifact_dirs=Settings().engine_dirs,
+    )
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for _ in range(3):
+            engine(x)
+        barrier.wait(timeout=START_TIMEOUT_S)
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            engine(x)
+            calls += 1
+    results.put(calls * batch / elapsed)
+
+
+def measure(shape: Shape, spec: EngineSpec, batch: int, seconds: float) -> float:
+    """Images/s of `shape.processes` processes running `batch` at once, each on `shape.threads` threads."""
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = shape.processes * shape.threads <= len(cpus)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(shape.processes), ctx.Queue()
+    procs = []
+    for i in range(shape.processes):
+        cores = tuple(cpus[i * shape.threads : (i + 1) * shape.threads]) if pinned else None
+        args = (spec, shape.threads, cores, batch, seconds, barrier, results)
+        procs.append(ctx.Process(target=_worker, args=args, name=f"model-only-{shape}-{i}", daemon=True))
+    for proc in procs:
+        proc.start()
+    try:
+        total = 0.0
+        for _ in procs:
+            total += results.get(timeout=START_TIMEOUT_S + 2 * seconds)
+        return total
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def measure_grid(shapes: list[Shape], spec: EngineSpec, batch: int, seconds: float) -> dict[str, float]:
+    """Images/s per shape, measured one shape at a time (never two shapes on the cores at once)."""
+    return {str(shape): measure(shape, spec, batch, seconds) for shape in shapes}
+
+
+def best(grid: dict[str, float]) -> tuple[str, float]:
+    name = max(grid, key=grid.__getitem__)
+    return name, grid[name]
+
+
+def describe(grid: dict[str, float]) -> str:
+    name, top = best(grid)
+    return ", ".join(f"{k} {v:.1f}" for k, v in grid.items()) + f" img/s; best {name} ({top:.1f} img/s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default=None, help="e.g. 1x16,2x8,4x4 (default: every power-of-two split)")
+    parser.add_argument("--model", default="LeViT_128S")
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=None, help="batch size each process runs (default: max)")
+    parser.add_argument("--linears", default="auto", choices=("auto", "onednn", "mkl"))
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    shapes = parse_grid(args.grid) if args.grid else default_grid(all_cores())
+    spec = EngineSpec(args.model, args.engine, args.max_batch_size, args.linears, args.dtype)
+    batch = args.batch or args.max_batch_size
+    print(f"{args.model}, engine {args.engine}, batch {batch}, {all_cores()} cores; processes x threads:", flush=True)
+    grid = {}
+    for shape in shapes:
+        grid[str(shape)] = measure(shape, spec, batch, args.seconds)
+        print(f"  {shape}: {grid[str(shape)]:.1f} img/s", flush=True)
+    print(describe(grid))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
