@@ -8,7 +8,7 @@ IMAGE ?= levit-serve
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 ENGINE ?= docker
 
-.PHONY: install run test test-stress lint format proto bench bench-model bench-startup bench-memory clean \
+.PHONY: install run test test-stress lint format proto bench bench-model bench-startup bench-memory device-wheels clean \
 	deploy-tools deploy-check image image-gpu compose-up compose-down test-container chart-schema \
 	v2-tools test-v2 test-v2-perf peers-tools bench-peers
 
@@ -67,6 +67,10 @@ bench-startup: $(STAMP)
 # The server's memory after start-up (PSS of every process), default linears and oneDNN pinned
 bench-memory: $(STAMP)
 	$(BIN)/python -m bench.memory --configs "default;onednn:LEVIT_LINEARS=onednn" --repeat 2
+
+# Wheels a lent device machine lacks (cp312), into .whl/, for `bench/device.sh` (docs/gpu.md)
+device-wheels: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/device_wheels.sh
 
 deploy-tools:
 	bash scripts/ci_deploy_tools.sh
