@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from bench.loadgen import RequestFailed, http_request, read_http_response
+from bench.loadgen import RequestFailed, http_request, read_http_response, run_level
 
 
 def _read(raw: bytes) -> tuple[bytes, bytes]:
@@ -43,3 +43,36 @@ def test_request_carries_its_body_and_length() -> None:
     head, body = request.split(b"\r\n\r\n", 1)
     assert head.startswith(b"POST /predictions/levit HTTP/1.1\r\n")
     assert b"Content-Length: 6" in head.split(b"\r\n") and body == b"\xff\xd8jpeg"
+
+
+class _SlowClient:
+    """Answers every call after `latency` seconds: a closed loop of C such clients serves C / latency calls/s."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+
+    async def call(self, index: int) -> None:
+        await asyncio.sleep(self.latency)
+
+    async def close(self) -> None:
+        pass
+
+
+class _SlowDriver:
+    name = "slow"
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+
+    async def connect(self) -> _SlowClient:
+        return _SlowClient(self.latency)
+
+
+def test_throughput_counts_every_call_completed_in_the_window() -> None:
+    """With answers taking 1/4 of the window, counting only calls that also *started* in it reported 3/4 of the
+    rate (what bench.server did until 2026-12-06); every completion in the window gives the closed loop's rate."""
+    latency, clients, window = 0.25, 4, 1.0
+    result = asyncio.run(run_level(_SlowDriver(latency), 1, clients, 0.3, window))
+    expected = clients / latency  # 16 calls/s
+    assert 0.9 * expected <= result.images_per_s <= 1.1 * expected, result.images_per_s
+    assert result.percentile_ms(50) == pytest.approx(1000 * latency, rel=0.2)

@@ -1,12 +1,10 @@
 """One level (peer, payload set, concurrency) driven by bench.loadgen's `run_level`, plus what it lacks:
 the server's CPU and the completed images over exactly the same measured window.
 
-`run_level` keeps latencies only of requests that both start and finish inside its window, which
-at high latency (12 MP photos at c=32: seconds per request) leaves out a large share of the work
-done in the window. Throughput and CPU per image are therefore taken here from every response that
-*completes* inside the window, counted by a thin wrapper around the driver, and the server's CPU
-(its whole process tree, from /proc) is read at the window's two ends by a task running beside the
-clients. The window starts when the last virtual client has connected, as `run_level`'s does.
+Throughput and CPU per image are taken from every response that *completes* inside the window, counted by a
+thin wrapper around the driver (as `run_level` itself now counts), over exactly the window in which a task
+running beside the clients reads the server's CPU (its whole process tree, from /proc) at both ends. The window
+starts when the last virtual client has connected, as `run_level`'s does.
 
 On a shared 2-core machine other processes distort everything (PyTorch's OpenMP threads spin at
 barriers while a sibling is descheduled), so each level first waits for a quiet machine and reports

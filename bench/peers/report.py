@@ -120,7 +120,7 @@ def markdown(
         *rows,
         "",
         "img/s: responses completed inside the measured window / its length (median over rounds). p50/p90/p99: "
-        "latencies of requests that started and finished inside the window (bench.loadgen.run_level), median over "
+        "latencies of the requests that completed inside the window (bench.loadgen.run_level), median over "
         "rounds. Server CPU: user + system seconds of the peer's whole process tree (/proc) inside the window / "
         "images completed in it. Errors: summed over rounds. Other CPU: what processes other than the peer and "
         "the load generator used during the window (median over rounds, 100% = one core): high values mean a "
