@@ -4,8 +4,8 @@
 #      over HTTP and gRPC, against the best model-only processes x threads of the same round;
 #   2. the server on the GPU (issue 16's process model), the same load plus 12 MP photos.
 # Prepare here:  bash scripts/device_wheels.sh         (what the machine lacks, as cp312 wheels, into .whl/)
-# Run there:     device `run` with carry [".whl"], command "bash bench/device.sh", timeout_s 570 (the steps: at
-#                most 150 + 250 + 130 s, plus the install)
+# Run there:     device `run` with carry [".whl"], command "bash bench/device.sh", timeout_s 590 (the steps: at
+#                most 140 + 230 + 120 s, 10-20 s more each to stop, plus the install and the checks)
 # Rehearse here: PYTHON=.venv/bin/python DEVICE_GRID=1x2,2x1 bash bench/device.sh
 # Every log goes under $OUT (./device-out when OUT is unset). Each step has its own time limit, so a step
 # that hangs leaves the others their time; a step's log ends with what it printed before it was stopped.
@@ -18,12 +18,17 @@ if compgen -G ".whl/*.whl" >/dev/null && "$py" -c 'import sys; sys.exit(sys.vers
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed" | tee "$out/failed.txt"; exit 1; }
   export PYTHONPATH=/tmp/site
+else
+  echo "no .whl/ or not Python 3.12: the wheels are not installed" | tee "$out/wheels.txt"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Everything the server and the benchmark import, before any step spends minutes: a missing package ends here.
+"$py" -c "import service.server, service.frontend, service.batching.instance, bench.server" >"$out/imports.txt" 2>&1 \
+  || { cat "$out/imports.txt"; echo "imports failed" | tee "$out/failed.txt"; exit 1; }
 {
   date -u
   echo "cores: $(nproc)"
-  lscpu | grep -E "Model name|^Flags" | cut -c1-400
+  lscpu | grep -E "Model name|^Thread|^Core|^Socket|^NUMA node|^Flags" | cut -c1-400
   nvidia-smi -L 2>&1 || true
   "$py" -c "import torch, grpc, fastapi; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'grpcio', grpc.__version__, 'fastapi', fastapi.__version__)"
@@ -31,11 +36,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
-ready() {  # ready PORT SECONDS: poll /readyz until it answers 200
-  "$py" - "$1" "$2" <<'PY'
-import sys, time, urllib.request
-port, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+ready() {  # ready PID PORT SECONDS: poll /readyz until it answers 200; give up if the process is gone
+  "$py" - "$@" <<'PY'
+import os, sys, time, urllib.request
+pid, port, deadline = int(sys.argv[1]), sys.argv[2], time.monotonic() + float(sys.argv[3])
 while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(1)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
             sys.exit(0 if response.status == 200 else 1)
@@ -47,12 +56,15 @@ PY
 
 # 0. The server's first start on this machine builds the engine's artifacts (torch there is not the pinned one,
 #    and Inductor needs a C++ compiler): once here, so the steps below find them; if the default engine cannot
-#    start at all, they fall back to `trace` rather than lose the run.
+#    start at all, they fall back to `trace` rather than lose the run. Under `timeout`, so a build cut short
+#    takes its compiler processes with it.
+start_s=${DEVICE_START_S:-140}
 engine=()
-echo "== start (at most ${DEVICE_START_S:-150}s)"
-LEVIT_DEVICE=cpu LEVIT_HTTP_PORT=18080 LEVIT_GRPC_PORT=18081 "$py" -m service >"$out/start-cpu.txt" 2>&1 &
+echo "== start (at most ${start_s}s)"
+LEVIT_DEVICE=cpu LEVIT_WEIGHTS=random LEVIT_HTTP_PORT=18080 LEVIT_GRPC_PORT=18081 \
+  timeout --signal=TERM --kill-after=10 "$start_s" "$py" -m service >"$out/start-cpu.txt" 2>&1 &
 server=$!
-if ready 18080 "${DEVICE_START_S:-150}"; then
+if ready "$server" 18080 "$start_s"; then
   "$py" -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:18080/v1/model').read().decode())" \
     >"$out/model-cpu.json" 2>&1
   head -c 600 "$out/model-cpu.json"; echo
@@ -71,9 +83,9 @@ step() {  # step NAME SECONDS ARGS...: one bench.server run, its output in $out/
   grep -E "^(PASS|FAIL)|ready after|^\| (http|grpc)" "$out/$name.txt" || tail -5 "$out/$name.txt"
 }
 
-step issue11-cpu "${DEVICE_CPU_S:-250}" "${engine[@]}" --rounds 2 --seconds 4 --protocols http,grpc-unary --payloads photos \
+step issue11-cpu "${DEVICE_CPU_S:-230}" "${engine[@]}" --rounds 2 --seconds 4 --protocols http,grpc-unary --payloads photos \
   --concurrency 1,32,128 --instance-grid "${DEVICE_GRID:-1x16,2x8,4x4,8x2}" --configs "cpu:LEVIT_DEVICE=cpu"
 if nvidia-smi -L >/dev/null 2>&1; then
-  step gpu "${DEVICE_GPU_S:-130}" --rounds 1 --seconds 4 --protocols http,grpc-unary --payloads photos,12MP \
+  step gpu "${DEVICE_GPU_S:-120}" --rounds 1 --seconds 4 --protocols http,grpc-unary --payloads photos,12MP \
     --concurrency 1,32,128 --max-batch-size 64 --configs "gpu:LEVIT_DEVICE=cuda"
 fi

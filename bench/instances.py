@@ -8,7 +8,10 @@ process of 16), so "model only" on a big machine means several processes, and wh
 the CPU. Each process loads the server's engine (the same artifacts, found in the server's artifact folders,
 with the linears the server picked), runs one batch size back to back, and is pinned to its own T cores
 where the grid fits the machine (a ceiling: nothing else competes for them). All start together after a
-barrier and run the same window; the figure is the sum of their images/s.
+barrier and run the same window; the figure is the sum of their images/s. Two ways it is a ceiling rather than
+the server's exact setup: OpenMP waits as libgomp does by default (the server's model processes spin briefly,
+`LEVIT_THREAD_POLICY`), and every shape runs the one batch size given (`bench.server` passes the best batch of
+one process with all the threads; it is not searched per shape).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import time
 from dataclasses import dataclass
 
@@ -33,11 +37,10 @@ class Shape:
 
     @classmethod
     def parse(cls, text: str) -> Shape:
-        n, _, t = text.lower().partition("x")
-        shape = cls(int(n), int(t))
-        if shape.processes < 1 or shape.threads < 1:
-            raise ValueError(f"instances x threads must both be >= 1, got {text!r}")
-        return shape
+        n, _, t = text.strip().lower().partition("x")
+        if not (n.isdigit() and t.isdigit()) or int(n) < 1 or int(t) < 1:
+            raise ValueError(f"a shape is PROCESSESxTHREADS, both >= 1 (e.g. 4x4), got {text!r}")
+        return cls(int(n), int(t))
 
     def __str__(self) -> str:
         return f"{self.processes}x{self.threads}"
@@ -55,6 +58,7 @@ class EngineSpec:
 
 
 def parse_grid(text: str) -> list[Shape]:
+    """`1x16,2x8,4x4` as shapes, in the order given (the order they are measured in)."""
     return [Shape.parse(item) for item in text.split(",") if item.strip()]
 
 
@@ -100,10 +104,20 @@ def _worker(spec: EngineSpec, threads: int, cores: tuple[int, ...] | None, batch
     results.put(calls * batch / elapsed)
 
 
+class GridError(RuntimeError):
+    """A process of a shape died or never reported: the shape has no figure (its log says why)."""
+
+
 def measure(shape: Shape, spec: EngineSpec, batch: int, seconds: float) -> float:
-    """Images/s of `shape.processes` processes running `batch` at once, each on `shape.threads` threads."""
+    """Images/s of `shape.processes` processes running `batch` at once, each on `shape.threads` threads.
+
+    Raises GridError as soon as one process exits without its figure (a bad spec, an engine that cannot load):
+    the others are released from the barrier and stopped rather than left waiting for it.
+    """
     cpus = sorted(os.sched_getaffinity(0))
     pinned = shape.processes * shape.threads <= len(cpus)
+    if not pinned:
+        print(f"  {shape}: more threads than the {len(cpus)} cores, so not pinned", flush=True)
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(shape.processes), ctx.Queue()
     procs = []
@@ -113,29 +127,49 @@ def measure(shape: Shape, spec: EngineSpec, batch: int, seconds: float) -> float
         procs.append(ctx.Process(target=_worker, args=args, name=f"model-only-{shape}-{i}", daemon=True))
     for proc in procs:
         proc.start()
+    figures: list[float] = []
+    deadline = time.monotonic() + START_TIMEOUT_S + 2 * seconds
     try:
-        total = 0.0
-        for _ in procs:
-            total += results.get(timeout=START_TIMEOUT_S + 2 * seconds)
-        return total
+        while len(figures) < len(procs):
+            try:
+                figures.append(results.get(timeout=1.0))
+                continue
+            except queue.Empty:
+                pass
+            dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise GridError(f"{shape}: model-only process {dead[0][0]} exited with {dead[0][1]}")
+            if time.monotonic() > deadline:
+                raise GridError(f"{shape}: {len(procs) - len(figures)} process(es) reported nothing in time")
+        return sum(figures)
     finally:
+        barrier.abort()  # a process still waiting there gets BrokenBarrierError and exits
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=5 if figures else 1)
             if proc.is_alive():
                 proc.kill()
 
 
 def measure_grid(shapes: list[Shape], spec: EngineSpec, batch: int, seconds: float) -> dict[str, float]:
-    """Images/s per shape, measured one shape at a time (never two shapes on the cores at once)."""
-    return {str(shape): measure(shape, spec, batch, seconds) for shape in shapes}
+    """Images/s per shape, measured one shape at a time (never two shapes on the cores at once); a shape whose
+    processes failed is reported and left out, so one bad shape does not cost a device run the others."""
+    grid = {}
+    for shape in shapes:
+        try:
+            grid[str(shape)] = measure(shape, spec, batch, seconds)
+        except GridError as error:
+            print(f"  model-only grid: {error}; left out", flush=True)
+    return grid
 
 
 def best(grid: dict[str, float]) -> tuple[str, float]:
+    """The fastest shape and its images/s: the divisor of the many-core floor."""
     name = max(grid, key=grid.__getitem__)
     return name, grid[name]
 
 
 def describe(grid: dict[str, float]) -> str:
+    """One line for the benchmark's log: every shape's figure, then the best."""
     name, top = best(grid)
     return ", ".join(f"{k} {v:.1f}" for k, v in grid.items()) + f" img/s; best {name} ({top:.1f} img/s)"
 

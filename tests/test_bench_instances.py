@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.instances import EngineSpec, Shape, best, default_grid, measure, parse_grid
+from bench.instances import EngineSpec, GridError, Shape, best, default_grid, measure, measure_grid, parse_grid
 from bench.loadgen import LevelResult
 from bench.server import GRID_FLOOR, Round, grid_floor
 
@@ -26,8 +26,9 @@ def test_shapes_parse_and_the_default_grid_splits_the_cores() -> None:
     assert parse_grid("1x16, 4X4,8x2") == [Shape(1, 16), Shape(4, 4), Shape(8, 2)]
     assert [str(s) for s in default_grid(16)] == ["1x16", "2x8", "4x4", "8x2", "16x1"]
     assert [str(s) for s in default_grid(2)] == ["1x2", "2x1"]
-    with pytest.raises(ValueError, match=">= 1"):
-        Shape.parse("0x4")
+    for text in ("0x4", "16", "4x"):
+        with pytest.raises(ValueError, match="PROCESSESxTHREADS"):
+            Shape.parse(text)
     assert best({"1x16": 774.0, "4x4": 1400.0, "8x2": 1210.0}) == ("4x4", 1400.0)
 
 
@@ -38,6 +39,16 @@ def test_every_process_of_a_shape_runs_the_engine() -> None:
     two = measure(Shape(2, 1), spec, batch=2, seconds=0.5)
     assert one > 0 and two > 0
     assert two > 0.5 * one  # two processes did not leave one of them out (on 2 cores each has its own)
+
+
+def test_a_process_that_dies_fails_its_shape_at_once_and_the_grid_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """A device run has one try: a shape whose processes cannot load the engine must not hang the benchmark
+    until its start timeout (10 minutes), nor cost the shapes after it."""
+    bad = EngineSpec(model="LeViT_none", engine="trace", max_batch_size=2)
+    with pytest.raises(GridError, match="exited with"):
+        measure(Shape(2, 1), bad, batch=2, seconds=0.5)
+    assert measure_grid([Shape(1, 1)], bad, batch=2, seconds=0.5) == {}
+    assert "1x1: model-only process 0 exited with" in capsys.readouterr().out
 
 
 def _round(model_ips: float, http_ips: float, grid: dict[str, float]) -> Round:

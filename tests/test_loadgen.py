@@ -72,7 +72,7 @@ def test_throughput_counts_every_call_completed_in_the_window() -> None:
     """With answers taking 1/4 of the window, counting only calls that also *started* in it reported 3/4 of the
     rate (what bench.server did until 2026-12-06); every completion in the window gives the closed loop's rate."""
     latency, clients, window = 0.25, 4, 1.0
-    result = asyncio.run(run_level(_SlowDriver(latency), 1, clients, 0.3, window))
+    result = asyncio.run(run_level(_SlowDriver(latency), 1, clients, 0.375, window))  # ends 1/8 s from any answer
     expected = clients / latency  # 16 calls/s
     assert 0.9 * expected <= result.images_per_s <= 1.1 * expected, result.images_per_s
     assert result.percentile_ms(50) == pytest.approx(1000 * latency, rel=0.2)
