@@ -554,6 +554,17 @@ def grid_floor(rounds: list[Round], protocols: list[str], top: int) -> bool:
     return ok
 
 
+def grid_share_line(round_: Round, protocols: list[str], top: int) -> str:
+    """This round's photos at concurrency `top` as a share of its best model-only shape, per protocol."""
+    shape, ceiling = best(round_.grid)
+    shares = [
+        f"{protocol} {100 * x.images_per_s / ceiling:.0f}%"
+        for protocol in protocols
+        if (x := round_.level(protocol, "photos", top)) is not None
+    ]
+    return f"  photos at c={top} against the best model-only shape ({shape}, {ceiling:.1f} img/s): " + ", ".join(shares)
+
+
 def grid_shapes(text: str | None, info: dict) -> list[Shape]:
     """`--instance-grid` as shapes; none for a server on a GPU (the grid is the CPU's ceiling)."""
     if not text or text == "none":
@@ -685,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f" server {name}:", flush=True)
                 runner.run(drive(server, sets, protocols, concurrency, args.warmup, seconds, round_, record))
                 rounds_by[name].append(round_)
+                if grid:  # now, not only in the final report: a run stopped by its time limit keeps it
+                    print(grid_share_line(round_, protocols, max(concurrency)), flush=True)
         runner.close()
     finally:
         for server in servers.values():

@@ -17,7 +17,7 @@ import pytest
 
 from bench.instances import EngineSpec, GridError, Shape, best, default_grid, measure, measure_grid, parse_grid
 from bench.loadgen import LevelResult
-from bench.server import GRID_FLOOR, Round, grid_floor
+from bench.server import GRID_FLOOR, Round, grid_floor, grid_share_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,8 @@ def test_the_many_core_floor_is_judged_against_the_best_shape(capsys: pytest.Cap
     assert not grid_floor([_round(774.0, int(1400 * GRID_FLOOR) - 10, grid)], ["http"], 128)  # 1x16 would pass
     out = capsys.readouterr().out
     assert "PASS: http photos at c=128" in out and "FAIL: http photos at c=128" in out and "of 4x4" in out
+    line = grid_share_line(_round(774.0, 700, grid), ["http", "grpc-unary"], 128)
+    assert line.endswith("against the best model-only shape (4x4, 1400.0 img/s): http 50%")
 
 
 def test_device_script_parses_and_its_wheels_are_this_checkouts_packages() -> None:
