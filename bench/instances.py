@@ -22,8 +22,12 @@ import os
 import queue
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bench.timing import all_cores
+
+if TYPE_CHECKING:
+    from model.engine import Engine
 
 START_TIMEOUT_S = 600.0  # every process loads (or, on a cold cache, builds) the engine before the barrier
 
@@ -48,13 +52,33 @@ class Shape:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What each process builds: the server's engine, as `bench.server.ModelOnly` does in-process."""
+    """The server's engine, rebuilt outside it: same variant (random weights), kind, buckets, linears and dtype,
+    from the server's artifact folders, so it finds the server's artifacts instead of compiling its own.
+    `bench.server.ModelOnly` builds it in the benchmark's process, each process of a shape here in its own."""
 
     model: str = "LeViT_128S"
     engine: str = "auto"
     max_batch_size: int = 16
-    linears: str = "auto"
+    linears: str = "auto"  # what the server picked (its /v1/model); anything but onednn/mkl lets the engine pick
     dtype: str = "float32"
+
+    def build(self, device: str = "cpu") -> Engine:
+        import torch
+
+        from model.engine import Engine
+        from model.fuse import fuse
+        from model.loader import random_model
+        from service.settings import Settings
+
+        return Engine(
+            fuse(random_model(self.model)),
+            self.engine,
+            self.max_batch_size,
+            device=device,
+            dtype=getattr(torch, self.dtype),
+            linears=self.linears if self.linears in ("onednn", "mkl") else "auto",
+            artifact_dirs=Settings().engine_dirs,
+        )
 
 
 def parse_grid(text: str) -> list[Shape]:
@@ -77,21 +101,8 @@ def _worker(spec: EngineSpec, threads: int, cores: tuple[int, ...] | None, batch
         os.sched_setaffinity(0, cores)
     import torch
 
-    from model.engine import Engine
-    from model.fuse import fuse
-    from model.loader import random_model
-    from service.settings import Settings
-
     torch.set_num_threads(threads)
-    linears = spec.linears if spec.linears in ("onednn", "mkl") else "auto"
-    engine = Engine(
-        fuse(random_model(spec.model)),
-        spec.engine,
-        spec.max_batch_size,
-        dtype=getattr(torch, spec.dtype),
-        linears=linears,
-        artifact_dirs=Settings().engine_dirs,
-    )
+    engine = spec.build()
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for _ in range(3):

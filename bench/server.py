@@ -196,41 +196,17 @@ class ServerProcess:
 
 
 class ModelOnly:
-    """The server's engine (same variant, random weights, kind, max batch size, threads, dtype) in this process."""
+    """The server's engine (`EngineSpec`: same variant, random weights, kind, max batch size, linears, dtype) in this
+    process, on the server's device, with `threads` intra-op threads."""
 
-    def __init__(
-        self,
-        model: str,
-        engine: str,
-        max_batch_size: int,
-        threads: int,
-        linears: str = "auto",
-        dtype: str = "float32",
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, spec: EngineSpec, threads: int, device: str = "cpu") -> None:
         import torch
-
-        from model.engine import Engine
-        from model.fuse import fuse
-        from model.loader import random_model
-        from service.settings import Settings
 
         self.torch = torch
         self.threads = threads
         torch.set_num_threads(threads)
-        linears = linears if linears in ("onednn", "mkl") else "auto"
-        dirs = Settings().engine_dirs  # the server's artifact folders: the same artifacts, not a rebuild
-        self.engine = Engine(
-            fuse(random_model(model)),
-            engine,
-            max_batch_size,
-            device=device,
-            dtype=getattr(torch, dtype),
-            linears=linears,
-            artifact_dirs=dirs,
-        )
-        sizes = {1, max_batch_size, max(1, max_batch_size // 2)}
-        self.batches = sorted(sizes)
+        self.engine = spec.build(device)
+        self.batches = sorted({1, spec.max_batch_size, max(1, spec.max_batch_size // 2)})
         gen = torch.Generator().manual_seed(0)
         self.inputs = {b: torch.randn(b, 3, 224, 224, generator=gen) for b in self.batches}
         with torch.inference_mode():
@@ -530,16 +506,22 @@ def floors(rounds: list[Round], protocols: list[str], concurrency: list[int]) ->
     return ok
 
 
+def grid_share(round_: Round, protocol: str, top: int) -> tuple[float, str] | None:
+    """Photos at concurrency `top` over `protocol` as a share of the round's best model-only shape, and that shape;
+    None where the round measured no grid or no such level."""
+    level = round_.level(protocol, "photos", top)
+    if not round_.grid or level is None:
+        return None
+    shape, ceiling = best(round_.grid)
+    return level.images_per_s / ceiling, shape
+
+
 def grid_floor(rounds: list[Round], protocols: list[str], top: int) -> bool:
     """Issue 11's many-core floor: photos at concurrency `top` >= GRID_FLOOR x the best processes x threads
     model-only figure of the same round, for every protocol measured."""
     ok = True
     for protocol in protocols:
-        shares = [
-            (x.images_per_s / best(r.grid)[1], best(r.grid)[0])
-            for r in rounds
-            if r.grid and (x := r.level(protocol, "photos", top)) is not None
-        ]
+        shares = [share for r in rounds if (share := grid_share(r, protocol, top)) is not None]
         if not shares:
             continue
         share = median([s for s, _ in shares])
@@ -557,11 +539,7 @@ def grid_floor(rounds: list[Round], protocols: list[str], top: int) -> bool:
 def grid_share_line(round_: Round, protocols: list[str], top: int) -> str:
     """This round's photos at concurrency `top` as a share of its best model-only shape, per protocol."""
     shape, ceiling = best(round_.grid)
-    shares = [
-        f"{protocol} {100 * x.images_per_s / ceiling:.0f}%"
-        for protocol in protocols
-        if (x := round_.level(protocol, "photos", top)) is not None
-    ]
+    shares = [f"{p} {100 * share[0]:.0f}%" for p in protocols if (share := grid_share(round_, p, top)) is not None]
     return f"  photos at c={top} against the best model-only shape ({shape}, {ceiling:.1f} img/s): " + ", ".join(shares)
 
 
@@ -653,22 +631,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{server.pid}, log {server.log_path}; waiting for /readyz...", flush=True)  # fmt: skip
             print(f"ready after {server.wait_ready():.1f}s; {server_topology(server)}", flush=True)
         info = model_info(next(iter(servers.values())))  # the first server's dtype and measured choice of linears
-        model = ModelOnly(
-            args.model,
-            args.engine or "auto",
-            args.max_batch_size,
-            threads,
-            info["linears"],
-            info["dtype"],
-            info["device"],
-        )  # the server's device too: on a GPU host the server is on the GPU
+        spec = EngineSpec(args.model, args.engine or "auto", args.max_batch_size, info["linears"], info["dtype"])
+        model = ModelOnly(spec, threads, info["device"])  # on a GPU host the server is on the GPU
         print(
             f"model-only engine: {model.engine.kind} ({model.engine.linears} linears, {info['dtype']}), batch sizes "
             f"{model.batches}",
             flush=True,
         )
         shapes = grid_shapes(args.instance_grid, info)
-        spec = EngineSpec(args.model, args.engine or "auto", args.max_batch_size, info["linears"], info["dtype"])
         decode = {name: decode_ms(payloads, 0.5 if args.quick else 1.0) for name, payloads in sets.items()}
         print("decode + preprocess, 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in decode.items()), flush=True)
         record = py_spy_recorder(args.py_spy, server.pid, seconds + args.warmup, args.py_spy_args.split())
