@@ -36,43 +36,33 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
-ready() {  # ready PID PORT SECONDS: poll /readyz until it answers 200; give up if the process is gone
-  "$py" - "$@" <<'PY'
-import os, sys, time, urllib.request
-pid, port, deadline = int(sys.argv[1]), sys.argv[2], time.monotonic() + float(sys.argv[3])
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        sys.exit(1)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            sys.exit(0 if response.status == 200 else 1)
-    except OSError:
-        time.sleep(1)
-sys.exit(1)
-PY
-}
-
 # 0. The server's first start on this machine builds the engine's artifacts (torch there is not the pinned one,
 #    and Inductor needs a C++ compiler): once here, so the steps below find them; if the default engine cannot
-#    start at all, they fall back to `trace` rather than lose the run. Under `timeout`, so a build cut short
-#    takes its compiler processes with it.
+#    start at all, they fall back to `trace` rather than lose the run. bench.server's own ServerProcess starts,
+#    waits for and stops it; `timeout` is the backstop that takes a build cut short, compilers and all, with it.
 start_s=${DEVICE_START_S:-140}
 engine=()
 echo "== start (at most ${start_s}s)"
-LEVIT_DEVICE=cpu LEVIT_WEIGHTS=random LEVIT_HTTP_PORT=18080 LEVIT_GRPC_PORT=18081 \
-  timeout --signal=TERM --kill-after=10 "$start_s" "$py" -m service >"$out/start-cpu.txt" 2>&1 &
-server=$!
-if ready "$server" 18080 "$start_s"; then
-  "$py" -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:18080/v1/model').read().decode())" \
-    >"$out/model-cpu.json" 2>&1
+if timeout --signal=TERM --kill-after=10 $((start_s + 30)) "$py" - "$start_s" "$out" <<'PY'
+import json, shutil, sys
+from bench.server import ServerProcess, model_info
+seconds, out = float(sys.argv[1]), sys.argv[2]
+server = ServerProcess({"LEVIT_DEVICE": "cpu", "LEVIT_LOG_LEVEL": "INFO"})
+server.start()
+try:
+    server.wait_ready(timeout=seconds)  # SystemExit with the log's tail if it dies or is not ready in time
+    with open(f"{out}/model-cpu.json", "w") as f:
+        json.dump(model_info(server), f)
+finally:
+    server.stop()
+    shutil.copy(server.log_path, f"{out}/start-cpu.txt")
+PY
+then
   head -c 600 "$out/model-cpu.json"; echo
 else
   engine=(--engine trace)
   echo "the default engine did not start in time: the steps below use trace" | tee -a "$out/start-cpu.txt"
 fi
-kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null
 
 step() {  # step NAME SECONDS ARGS...: one bench.server run, its output in $out/NAME.txt
   local name=$1 seconds=$2
